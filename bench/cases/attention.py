@@ -1,0 +1,94 @@
+"""Benchmark cases for the attention family (fastllm/ops/attention.py): inputs, baselines, FLOP counts.
+
+batch x heads x seqlen x head_dim, causal and not. On the CPU in fp32: 4 x 8 x {512, 1024, 2048} x 64 and
+4 x 8 x 1024 x 128 (4096 would take eager ~20 s a run and 8 GiB for its score matrices). The headline is
+causal 4 x 8 x 2048 x 64, forward+backward, on the C++ backend: fastllm targets >= 3x over eager and at least
+torch SDPA's speed, with peak memory growing linearly with seqlen (eager's grows with its square). On a GPU
+in bf16: 4 x 8 x {1024, 4096} x 128 and 1 x 8 x {8192, 16384} x 128 (batch 1 at the long lengths keeps
+eager's score matrices at 4 GiB), against SDPA's flash backend.
+
+Every variant takes q, k, v as (batch, seqlen, heads, head_dim), fastllm's layout; the baselines move heads
+in front as views, as model code does, and SDPA reads the strided views without copying.
+"""
+import torch
+import torch.nn.functional as F
+
+import fastllm
+from bench.harness import BASELINE, Case, Cost, Variant, standard_variants
+
+CPU_SHAPES = [(4, 8, 512, 64), (4, 8, 1024, 64), (4, 8, 2048, 64), (4, 8, 1024, 128)]
+GPU_SHAPES = [(4, 8, 1024, 128), (4, 8, 4096, 128), (1, 8, 8192, 128), (1, 8, 16384, 128)]
+QUICK_SHAPES = [(1, 2, 128, 64)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Baselines: what a user writes without fastllm
+# ---------------------------------------------------------------------------------------------------------
+def eager_attention(q, k, v, causal):
+    """matmul, mask, softmax, matmul: the (B, H, T, T) scores and probabilities are materialised."""
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1]**-0.5
+    if causal:
+        seqlen = q.shape[-2]
+        future = torch.ones(seqlen, seqlen, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)
+
+
+def sdpa_attention(q, k, v, causal):
+    """torch's fused scaled_dot_product_attention (a flash kernel on the CPU, and on the GPU in bf16)."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+    return out.transpose(1, 2)
+
+
+# fastllm.ops is looked up at call time: nothing is imported or built until a case runs.
+def fastllm_attention(q, k, v, causal):
+    return fastllm.ops.attention(q, k, v, causal=causal)
+
+
+def _with_mask(fn, causal):
+    def call(q, k, v):
+        return fn(q, k, v, causal)
+    call.__name__ = f"{fn.__name__}_{'causal' if causal else 'full'}"
+    return call
+
+
+def _variants(causal):
+    standard = standard_variants(_with_mask(eager_attention, causal), _with_mask(fastllm_attention, causal))
+    eager = standard.pop(BASELINE)
+    return {BASELINE: eager, "sdpa": Variant(_with_mask(sdpa_attention, causal)), **standard}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Work: 4 b h s^2 d FLOPs for the forward (two matmuls of 2 b h s^2 d), 2.5x that for the backward (five),
+# halved when causal. forward_backward counts both passes: 3.5x the forward.
+# ---------------------------------------------------------------------------------------------------------
+def _flops(batch, heads, seqlen, head_dim, causal):
+    forward = 4 * batch * heads * seqlen**2 * head_dim / (2 if causal else 1)
+    return Cost(forward=forward, forward_backward=3.5 * forward)
+
+
+def _inputs(batch, heads, seqlen, head_dim):
+    def make_inputs(device, dtype):
+        generator = torch.Generator(device).manual_seed(0)
+        return tuple(torch.randn(batch, seqlen, heads, head_dim, generator=generator, device=device,
+                                 dtype=dtype).requires_grad_() for _ in range(3))
+    return make_inputs
+
+
+def cases(device, quick: bool) -> list[Case]:
+    device = torch.device(device)
+    if quick:
+        shapes, dtype = QUICK_SHAPES, torch.float32
+    elif device.type == "cuda":
+        shapes, dtype = GPU_SHAPES, torch.bfloat16
+    else:
+        shapes, dtype = CPU_SHAPES, torch.float32
+    result = []
+    for causal in (True, False):
+        for batch, heads, seqlen, head_dim in shapes:
+            result.append(Case(op="attention_causal" if causal else "attention",
+                               shape=f"{batch}x{heads}x{seqlen}x{head_dim}", dtype=dtype,
+                               make_inputs=_inputs(batch, heads, seqlen, head_dim), variants=_variants(causal),
+                               flops=_flops(batch, heads, seqlen, head_dim, causal)))
+    return result

@@ -1,0 +1,92 @@
+"""Benchmark cases for the fused linear-head losses (fastllm/ops/fused_linear.py): inputs, eager baselines, FLOPs.
+
+The headline is 8192 tokens x hidden 768 x the GPT-2 vocabulary (50257) in fp32, forward+backward, on the
+C++ backend: fastllm targets at most 1/8 of eager's peak memory at the same speed or faster. The eager
+baselines materialise the logits: F.linear then log_softmax().gather() (linear_token_logprobs) or
+F.cross_entropy (linear_cross_entropy); "torch.compile" is the same code compiled.
+
+The issue's grid is tokens {2048, 8192} x hidden {768, 2048} x vocabulary {32000, 50257, 128256}. It runs in
+full on CUDA. On a CPU, one eager forward+backward is 6 N H V FLOPs at ~0.1-0.2 TFLOP/s on 2 cores: 10 s at
+the headline and 100 s at 8192 x 2048 x 128256, whose eager run also needs ~17 GB for four fp32 copies of the
+logits. So the CPU default is the headline plus the cheapest corner of the grid; name another shape with
+FASTLLM_BENCH_FUSED_SHAPES="tokens x hidden x vocab,..." (e.g. "8192x2048x128256").
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import fastllm
+from bench.harness import Case, Cost, standard_variants
+
+HEADLINE = (8192, 768, 50257)
+GRID = [(tokens, hidden, vocab) for tokens in (2048, 8192) for hidden in (768, 2048)
+        for vocab in (32000, 50257, 128256)]
+CPU_SHAPES = [(2048, 768, 32000), HEADLINE]
+QUICK = [(256, 64, 1000)]
+SHAPES_VARIABLE = "FASTLLM_BENCH_FUSED_SHAPES"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Eager PyTorch: what a user writes without fastllm
+# ---------------------------------------------------------------------------------------------------------
+def eager_linear_token_logprobs(hidden, weight, labels):
+    logprobs = torch.log_softmax(F.linear(hidden, weight).float(), -1)
+    return logprobs.gather(-1, labels[:, None]).squeeze(-1)
+
+
+def eager_linear_cross_entropy(hidden, weight, labels):
+    return F.cross_entropy(F.linear(hidden, weight), labels)
+
+
+# fastllm.ops is looked up at call time: nothing is imported or built until a case runs.
+def fastllm_linear_token_logprobs(hidden, weight, labels):
+    return fastllm.ops.linear_token_logprobs(hidden, weight, labels)
+
+
+def fastllm_linear_cross_entropy(hidden, weight, labels):
+    return fastllm.ops.linear_cross_entropy(hidden, weight, labels)
+
+
+OPS = {
+    "linear_token_logprobs": (eager_linear_token_logprobs, fastllm_linear_token_logprobs),
+    "linear_cross_entropy": (eager_linear_cross_entropy, fastllm_linear_cross_entropy),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Work: the matmuls dominate. Forward: logits, 2 N H V. Forward+backward: also grad_hidden and grad_weight,
+# 6 N H V, the least any implementation does (fastllm's per-token backward recomputes the logits: 8 N H V).
+# ---------------------------------------------------------------------------------------------------------
+def _flops(tokens, hidden, vocab):
+    one_matmul = 2 * tokens * hidden * vocab
+    return Cost(forward=one_matmul, forward_backward=3 * one_matmul)
+
+
+def _inputs(tokens, hidden, vocab):
+    def make_inputs(device, dtype):
+        generator = torch.Generator(device).manual_seed(0)
+        hidden_states = torch.randn(tokens, hidden, generator=generator, device=device, dtype=dtype)
+        weight = torch.randn(vocab, hidden, generator=generator, device=device, dtype=dtype) * hidden ** -0.5
+        labels = torch.randint(0, vocab, (tokens,), generator=generator, device=device)
+        return hidden_states.requires_grad_(), weight.requires_grad_(), labels
+    return make_inputs
+
+
+def _shapes(device, quick):
+    if quick:
+        return QUICK
+    if os.environ.get(SHAPES_VARIABLE):
+        return [tuple(int(n) for n in shape.split("x")) for shape in os.environ[SHAPES_VARIABLE].split(",")]
+    return GRID if device.type == "cuda" else CPU_SHAPES
+
+
+def cases(device, quick: bool) -> list[Case]:
+    device = torch.device(device)
+    result = []
+    for op, (eager, fastllm_op) in OPS.items():
+        for tokens, hidden, vocab in _shapes(device, quick):
+            result.append(Case(op=op, shape=f"{tokens}x{hidden}x{vocab}", dtype=torch.float32,
+                               make_inputs=_inputs(tokens, hidden, vocab),
+                               variants=standard_variants(eager, fastllm_op), flops=_flops(tokens, hidden, vocab)))
+    return result

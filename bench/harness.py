@@ -1,0 +1,620 @@
+"""The one benchmark harness: timing, memory, roofline, and the table, JSON, markdown and chart it writes.
+
+A case file (bench/cases/<family>.py) only describes work: a `Case` per op x shape x dtype with a function
+that builds the inputs, the variants to time, and the minimum bytes (or FLOPs) the op must move. Everything
+that measures lives here, so every op family is measured the same way.
+
+How each variant is measured
+- Warm-up: one forward (its outputs are checked against the eager baseline's) and one forward+backward.
+  torch.compile and the C++ extension build happen here, outside the timed runs.
+- Forward: the variant's call with autograd recording, as in training (activations are saved).
+- Forward+backward: the forward, then torch.autograd.grad of the outputs against a fixed random cotangent
+  (so no .grad accumulates between runs; the gradient tensors are produced and freed every run).
+- Time: the median of many runs. On CUDA, triton.testing.do_bench (CUDA events, L2 flushed before each run).
+  On CPU, time.perf_counter around each run, repeated until both a minimum time and a minimum count.
+- Peak extra memory of the forward and of forward+backward: the most allocated above what was live
+  before (inputs, cotangents), outputs and saved activations included.
+  CUDA: torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before, over
+  one extra untimed run (do_bench allocates its own L2-flush buffer).
+  CPU: writing "5" to /proc/self/clear_refs resets the process's peak RSS (VmHWM) to its current RSS; the
+  peak is VmHWM after the timed runs minus VmRSS before them (the max over all runs, at no extra cost).
+  glibc serves allocations above 32 MiB with mmap and returns them on free, so for the tensors that matter
+  RSS follows live memory (two 785 MiB temporaries read as 1570 MiB, checked on Linux 6.18 / glibc). Small
+  tensors come from the heap, which keeps freed pages, so cases of a few MiB read low, often 0.
+- Roofline: copy bandwidth is measured once per run as the median time of dst.copy_(src) on 256 MiB,
+  counting read + write. GB/s = the case's minimum bytes / time; "% copy" = GB/s over that bandwidth.
+  Cases that give FLOPs report TFLOP/s and % of a measured square matmul in their dtype.
+"""
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+import fastllm
+import fastllm.backend
+
+MiB = 2**20
+BASELINE = "eager"  # every case's first variant; speedups and memory ratios are against it
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a case file describes
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cost:
+    """An amount of work (bytes moved or FLOPs) for the forward pass and for forward+backward together."""
+    forward: float
+    forward_backward: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One implementation to time: fn(*inputs) -> a tensor or a tuple of tensors."""
+    fn: Callable[..., Any]
+    backend: Optional[str] = None  # run under fastllm.use_backend(backend), if it runs here
+    compile: bool = False  # wrap fn in torch.compile (compiled during warm-up)
+
+
+@dataclass
+class Case:
+    """One op at one shape and dtype, and the variants to compare on it."""
+    op: str
+    shape: str  # a label for the table, e.g. "4096x50257"
+    dtype: torch.dtype
+    make_inputs: Callable[[torch.device, torch.dtype], tuple]  # tensors; requires_grad where backward flows
+    variants: dict[str, Variant]  # name -> variant; BASELINE first
+    bytes_moved: Optional[Cost] = None  # the minimum DRAM/HBM traffic, for GB/s
+    flops: Optional[Cost] = None  # for TFLOP/s
+
+
+def standard_variants(eager: Callable, fastllm_op: Callable) -> dict[str, Variant]:
+    """Eager PyTorch, the same code under torch.compile, and the fastllm op on each kernel backend."""
+    return {
+        BASELINE: Variant(eager),
+        "torch.compile": Variant(eager, compile=True),
+        "fastllm[cpp]": Variant(fastllm_op, backend="cpp"),
+        "fastllm[triton]": Variant(fastllm_op, backend="triton"),
+    }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing and memory
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """How long to measure. CPU runs repeat until both minimums are met; CUDA runs use do_bench's budgets."""
+    min_time_s: float = 0.5
+    min_runs: int = 5
+    max_runs: int = 1000
+    cuda_warmup_ms: float = 25
+    cuda_rep_ms: float = 100
+
+
+QUICK_SETTINGS = Settings(min_time_s=0.05, min_runs=3, cuda_warmup_ms=5, cuda_rep_ms=20)
+
+
+def median_ms(fn: Callable[[], Any], device: torch.device, settings: Settings) -> float:
+    """Median wall time of fn() in milliseconds (fn is assumed warmed up)."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=settings.cuda_warmup_ms, rep=settings.cuda_rep_ms, return_mode="median")
+    times = []
+    while len(times) < settings.max_runs and (len(times) < settings.min_runs or sum(times) < settings.min_time_s):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise KeyError(f"{key} not in /proc/self/status")
+
+
+class PeakMemory:
+    """`with PeakMemory(device) as peak:` ... then peak.extra_bytes: the most allocated in the block above
+    what was live when it began; None where this cannot be measured (CPU without /proc/self/clear_refs)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.extra_bytes: Optional[int] = None
+
+    def __enter__(self):
+        gc.collect()
+        self._before = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")  # reset VmHWM to the current RSS
+            self._before = _proc_status_bytes("VmRSS")
+        except OSError:  # not Linux, or not allowed: there is no resettable peak RSS
+            pass
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._before is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.extra_bytes = torch.cuda.max_memory_allocated(self.device) - self._before
+        else:
+            self.extra_bytes = _proc_status_bytes("VmHWM") - self._before
+
+
+def median_ms_and_peak_mib(fn: Callable[[], Any], device: torch.device, settings: Settings
+                           ) -> tuple[float, Optional[float]]:
+    """Median time of fn() in ms and its peak extra memory in MiB (see the module docstring)."""
+    if device.type == "cuda":
+        ms = median_ms(fn, device, settings)
+        with PeakMemory(device) as peak:
+            fn()
+    else:
+        with PeakMemory(device) as peak:
+            ms = median_ms(fn, device, settings)
+    return ms, None if peak.extra_bytes is None else peak.extra_bytes / MiB
+
+
+@dataclass
+class Machine:
+    """The device and its measured ceilings, shared by every case of one run."""
+    device: torch.device
+    settings: Settings
+    copy_bytes_per_s: float = 0.0
+    _matmul_flops_per_s: dict = field(default_factory=dict)
+
+    @classmethod
+    def measure(cls, device: torch.device, settings: Settings) -> "Machine":
+        machine = cls(device, settings)
+        src = torch.ones(256 * MiB // 4, device=device)
+        dst = torch.zeros_like(src)  # written once so no page faults land in the timed copies
+        dst.copy_(src)
+        ms = median_ms(lambda: dst.copy_(src), device, settings)
+        machine.copy_bytes_per_s = 2 * src.numel() * src.element_size() / (ms / 1e3)
+        return machine
+
+    def matmul_flops_per_s(self, dtype: torch.dtype) -> float:
+        """Measured FLOP/s of a square matmul in `dtype` (measured on first use: only FLOP cases need it)."""
+        if dtype not in self._matmul_flops_per_s:
+            n = 8192 if self.device.type == "cuda" else 1024
+            a = torch.randn(n, n, device=self.device, dtype=dtype)
+            b = torch.randn(n, n, device=self.device, dtype=dtype)
+            torch.mm(a, b)
+            ms = median_ms(lambda: torch.mm(a, b), self.device, self.settings)
+            self._matmul_flops_per_s[dtype] = 2 * n**3 / (ms / 1e3)
+        return self._matmul_flops_per_s[dtype]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running one variant
+# ---------------------------------------------------------------------------------------------------------
+class Unavailable(Exception):
+    """The variant cannot run here (its backend is missing, or fastllm would fall back to torch)."""
+
+
+@dataclass
+class Prepared:
+    """A warmed-up variant, ready to time."""
+    forward: Callable[[], Any]
+    forward_backward: Optional[Callable[[], Any]]  # None when nothing in the case is differentiable
+    outputs: tuple  # detached outputs of the first forward, to check against the baseline
+
+
+def _as_tuple(outputs) -> tuple:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def why_skipped(variant: Variant, device: torch.device) -> Optional[str]:
+    """None if the variant's backend runs on `device`, else why not."""
+    if variant.backend is None:
+        return None
+    if variant.backend == "triton" and device.type == "cpu":
+        return "triton runs on CUDA; on CPU only its interpreter (TRITON_INTERPRET=1) runs, which is not timed"
+    return fastllm.backend.why_unavailable(variant.backend, device)
+
+
+def prepare(case: Case, name: str, inputs: tuple, device: torch.device) -> Prepared:
+    """Warm up variant `name` on `inputs`: compile it, build its cotangents, run forward+backward once.
+
+    Raises Unavailable if it cannot run here; any other exception is the variant failing.
+    """
+    variant = case.variants[name]
+    reason = why_skipped(variant, device)
+    if reason:
+        raise Unavailable(reason)
+    fn = torch.compile(variant.fn, dynamic=False) if variant.compile else variant.fn
+    backend = (lambda: fastllm.use_backend(variant.backend)) if variant.backend else contextlib.nullcontext
+
+    def forward():
+        with backend():
+            return _as_tuple(fn(*inputs))
+
+    # fastllm warns once per process per reason when it falls back to torch; forget earlier warnings so
+    # every fastllm variant's first call says whether it really ran on its backend.
+    fastllm.backend.warn_fallback.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = forward()
+    fallbacks = [str(w.message) for w in caught if str(w.message).startswith("fastllm: backend")]
+    if variant.backend and fallbacks:
+        raise Unavailable(fallbacks[0])
+
+    wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not wrt or not any(out.requires_grad for out in outputs):
+        return Prepared(forward, None, tuple(out.detach() for out in outputs))
+
+    generator = torch.Generator(device).manual_seed(1)
+    cotangents = [torch.randn(out.shape, generator=generator, device=device, dtype=out.dtype)
+                  for out in outputs if out.requires_grad]
+
+    def forward_backward():
+        with backend():
+            differentiable = [out for out in forward() if out.requires_grad]
+            return torch.autograd.grad(differentiable, wrt, cotangents)
+
+    forward_backward()  # compiles the backward too
+    return Prepared(forward, forward_backward, tuple(out.detach() for out in outputs))
+
+
+def _check_tolerance(*dtypes):
+    """(rtol, atol) for the sanity check against eager; the precise numerics are tested in tests/ops."""
+    if any(dtype in (torch.float16, torch.bfloat16) for dtype in dtypes):
+        return 1.6e-2, 1e-3  # 2-4 bf16 ulps: rounding the same fp32 value differently is fine
+    return 1e-4, 1e-5
+
+
+def compare_outputs(actual: tuple, expected: tuple) -> Optional[str]:
+    """None if a variant's forward outputs match the baseline's, else where and by how much they differ."""
+    if len(actual) != len(expected):
+        return f"returns {len(actual)} outputs, {BASELINE} returns {len(expected)}"
+    for index, (got, want) in enumerate(zip(actual, expected)):
+        rtol, atol = _check_tolerance(got.dtype, want.dtype)
+        try:
+            torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+        except AssertionError as mismatch:
+            details = "; ".join(line.strip() for line in str(mismatch).splitlines()[1:] if line.strip())
+            return f"output {index} differs from {BASELINE}: {details}"
+    return None
+
+
+@dataclass
+class Result:
+    """One table row: a variant of a case, as measured (None where not applicable)."""
+    family: str
+    op: str
+    shape: str
+    dtype: str
+    variant: str
+    forward_ms: Optional[float] = None
+    forward_backward_ms: Optional[float] = None
+    forward_peak_mib: Optional[float] = None  # peak extra memory (outputs and saved activations included)
+    forward_backward_peak_mib: Optional[float] = None
+    forward_gbps: Optional[float] = None
+    forward_backward_gbps: Optional[float] = None
+    forward_pct_copy: Optional[float] = None
+    forward_backward_pct_copy: Optional[float] = None
+    forward_tflops: Optional[float] = None
+    forward_backward_tflops: Optional[float] = None
+    forward_pct_matmul: Optional[float] = None
+    forward_backward_pct_matmul: Optional[float] = None
+    speedup_forward: Optional[float] = None  # eager time / this time
+    speedup_forward_backward: Optional[float] = None
+    memory_vs_eager_forward: Optional[float] = None  # this peak / eager's peak
+    memory_vs_eager_forward_backward: Optional[float] = None
+    mismatch: Optional[str] = None  # set when the forward disagrees with eager
+    error: Optional[str] = None  # set when the variant failed: "n/a (reason)"
+
+    @property
+    def case_label(self) -> str:
+        return f"{self.op} {self.shape} {self.dtype}"
+
+
+@dataclass
+class Skipped:
+    """A variant that cannot run on this machine, and why."""
+    family: str
+    op: str
+    shape: str
+    dtype: str
+    variant: str
+    reason: str
+
+
+def _rate(amount, ms):
+    return None if amount is None or ms is None else amount / (ms / 1e3)
+
+
+def _ratio(numerator, denominator):
+    return None if numerator is None or not denominator else numerator / denominator
+
+
+def _fill_rates(result: Result, case: Case, machine: Machine) -> None:
+    if case.bytes_moved:
+        fwd = _rate(case.bytes_moved.forward, result.forward_ms)
+        fwd_bwd = _rate(case.bytes_moved.forward_backward, result.forward_backward_ms)
+        result.forward_gbps = _ratio(fwd, 1e9)
+        result.forward_backward_gbps = _ratio(fwd_bwd, 1e9)
+        result.forward_pct_copy = _ratio(fwd and 100 * fwd, machine.copy_bytes_per_s)
+        result.forward_backward_pct_copy = _ratio(fwd_bwd and 100 * fwd_bwd, machine.copy_bytes_per_s)
+    if case.flops:
+        fwd = _rate(case.flops.forward, result.forward_ms)
+        fwd_bwd = _rate(case.flops.forward_backward, result.forward_backward_ms)
+        peak = machine.matmul_flops_per_s(case.dtype)
+        result.forward_tflops = _ratio(fwd, 1e12)
+        result.forward_backward_tflops = _ratio(fwd_bwd, 1e12)
+        result.forward_pct_matmul = _ratio(fwd and 100 * fwd, peak)
+        result.forward_backward_pct_matmul = _ratio(fwd_bwd and 100 * fwd_bwd, peak)
+
+
+def _short_error(exc: BaseException) -> str:
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"n/a ({type(exc).__name__}: {first_line[:160]})"
+
+
+def measure_variant(case: Case, name: str, inputs: tuple, machine: Machine) -> tuple[Result, Optional[tuple]]:
+    """Time and measure one variant: its row, and its forward outputs (None if it failed).
+
+    A variant that fails becomes a row with its error; one that cannot run here raises Unavailable.
+    """
+    device = machine.device
+    result = Result("", case.op, case.shape, dtype_name(case.dtype), name)
+    try:
+        prepared = prepare(case, name, inputs, device)
+        result.forward_ms, result.forward_peak_mib = median_ms_and_peak_mib(
+            prepared.forward, device, machine.settings)
+        if prepared.forward_backward:
+            result.forward_backward_ms, result.forward_backward_peak_mib = median_ms_and_peak_mib(
+                prepared.forward_backward, device, machine.settings)
+    except Unavailable:
+        raise
+    except Exception as exc:  # a compile error, a missing kernel, out of memory: report, keep going
+        result.error = _short_error(exc)
+        return result, None
+    _fill_rates(result, case, machine)
+    return result, prepared.outputs
+
+
+def run_case(case: Case, family: str, machine: Machine, variants: Optional[set] = None
+             ) -> Iterator[Result | Skipped]:
+    """Measure each variant of `case` (all, or those named in `variants`), eager first; yield one outcome each."""
+    inputs = case.make_inputs(machine.device, case.dtype)
+    baseline, baseline_outputs = None, None
+    for name in case.variants:
+        if variants is not None and name not in variants:
+            continue
+        try:
+            result, outputs = measure_variant(case, name, inputs, machine)
+        except Unavailable as reason:
+            yield Skipped(family, case.op, case.shape, dtype_name(case.dtype), name, str(reason))
+            continue
+        finally:
+            if case.variants[name].compile:
+                torch.compiler.reset()  # drop this shape's compiled graphs; the next case compiles its own
+        result.family = family
+        if name == BASELINE:
+            baseline, baseline_outputs = result, outputs
+        elif baseline_outputs is not None and outputs is not None:
+            result.mismatch = compare_outputs(outputs, baseline_outputs)
+            result.speedup_forward = _ratio(baseline.forward_ms, result.forward_ms)
+            result.speedup_forward_backward = _ratio(baseline.forward_backward_ms, result.forward_backward_ms)
+            result.memory_vs_eager_forward = _ratio(result.forward_peak_mib, baseline.forward_peak_mib)
+            result.memory_vs_eager_forward_backward = _ratio(result.forward_backward_peak_mib,
+                                                             baseline.forward_backward_peak_mib)
+        yield result
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reporting: machine header, table, JSON, markdown section, chart
+# ---------------------------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(machine: Machine) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    info = {
+        "device": machine.device.type,
+        "cpu": _cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "copy_bandwidth_gbps": machine.copy_bytes_per_s / 1e9,
+    }
+    if machine.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(machine.device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def machine_title(info: dict) -> str:
+    if info["device"] == "cuda":
+        return f"GPU: {info['gpu']} (CUDA {info['cuda']}); host CPU {info['cpu']}, {info['cpu_cores']} cores"
+    return f"CPU: {info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads)"
+
+
+def _fmt_number(value: Optional[float]) -> str:
+    """About three significant digits without exponents for the usual range: 1234, 123, 12.3, 1.23, 0.0123."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _fmt_rate(rate: Optional[float], pct: Optional[float]) -> str:
+    if rate is None:
+        return "-"
+    return f"{_fmt_number(rate)} ({pct:.0f}%)" if pct is not None else _fmt_number(rate)
+
+
+def _fmt_ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def table_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
+    """The header and cells of the results table (FLOP columns only when some case counts FLOPs)."""
+    with_flops = any(r.forward_tflops is not None for r in results)
+    header = ["op", "shape", "dtype", "variant", "fwd ms", "fwd+bwd ms", "fwd MiB", "fwd+bwd MiB",
+              "fwd GB/s (% copy)", "fwd+bwd GB/s (% copy)"]
+    if with_flops:
+        header += ["fwd TFLOP/s (% mm)", "fwd+bwd TFLOP/s (% mm)"]
+    header += ["x eager fwd", "x eager fwd+bwd", "mem/eager fwd", "mem/eager fwd+bwd", "note"]
+    rows = []
+    for r in results:
+        row = [r.op, r.shape, r.dtype, r.variant]
+        if r.error:
+            row += ["-"] * (len(header) - len(row) - 1) + [r.error]
+            rows.append(row)
+            continue
+        row += [_fmt_number(r.forward_ms), _fmt_number(r.forward_backward_ms),
+                _fmt_number(r.forward_peak_mib), _fmt_number(r.forward_backward_peak_mib),
+                _fmt_rate(r.forward_gbps, r.forward_pct_copy),
+                _fmt_rate(r.forward_backward_gbps, r.forward_backward_pct_copy)]
+        if with_flops:
+            row += [_fmt_rate(r.forward_tflops, r.forward_pct_matmul),
+                    _fmt_rate(r.forward_backward_tflops, r.forward_backward_pct_matmul)]
+        row += [_fmt_ratio(r.speedup_forward), _fmt_ratio(r.speedup_forward_backward),
+                _fmt_ratio(r.memory_vs_eager_forward), _fmt_ratio(r.memory_vs_eager_forward_backward),
+                f"MISMATCH: {r.mismatch}" if r.mismatch else ""]
+        rows.append(row)
+    return header, rows
+
+
+def format_table(results: list[Result]) -> str:
+    """A markdown table, padded so it also reads as plain text in a terminal."""
+    header, rows = table_rows(results)
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    numeric = [i >= 4 and header[i] != "note" for i in range(len(header))]
+
+    def line(cells):
+        padded = [cell.rjust(w) if right else cell.ljust(w) for cell, w, right in zip(cells, widths, numeric)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if right else ("-" * (w + 2))
+                          for w, right in zip(widths, numeric)) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def format_skipped(skipped: list[Skipped]) -> list[str]:
+    """One line per variant and reason (not per case): 'fastllm[triton] (10 cases): reason'."""
+    counts: dict[tuple[str, str], int] = {}
+    for s in skipped:
+        counts[(s.variant, s.reason)] = counts.get((s.variant, s.reason), 0) + 1
+    return [f"{variant} skipped in {n} case{'s' if n > 1 else ''}: {reason}"
+            for (variant, reason), n in counts.items()]
+
+
+def write_json(path: str, info: dict, command: str, results: list, skipped: list) -> None:
+    report = {"machine": info, "command": command,
+              "results": [dataclasses.asdict(r) for r in results],
+              "skipped": [dataclasses.asdict(s) for s in skipped]}
+    with open(path, "w") as out:
+        json.dump(report, out, indent=1)
+
+
+RESULTS_MD_INTRO = """# fastllm benchmark results
+
+Written by `python -m bench.run` (method: the docstring of bench/harness.py). One section per device kind;
+a run replaces only its own section. "x eager" is eager PyTorch's time over the variant's, measured in the
+same process. "MiB" is peak memory above the inputs (outputs and saved activations included), and
+"mem/eager" the variant's peak over eager's. "% copy" is achieved GB/s (the op's minimum bytes over its
+time) as a share of the machine's measured copy bandwidth.
+"""
+
+
+def markdown_section(info: dict, command: str, results: list[Result], notes: list[str]) -> str:
+    lines = [f"<!-- bench:{info['device']} -->",
+             f"## {machine_title(info)}",
+             "",
+             f"- torch {info['torch']}, triton {info['triton']}, Python {info['python']}; {info['date']}",
+             f"- Command: `{command}`",
+             f"- Measured copy bandwidth: {info['copy_bandwidth_gbps']:.1f} GB/s "
+             "(256 MiB dst.copy_(src), read + write)",
+             "",
+             format_table(results),
+             ""]
+    lines += [f"- {note}" for note in notes]
+    lines.append(f"<!-- /bench:{info['device']} -->")
+    return "\n".join(lines)
+
+
+def update_results_md(path: str, section: str, device_kind: str) -> None:
+    """Replace this device kind's section of the results file (create the file if missing), keep the rest."""
+    begin, end = f"<!-- bench:{device_kind} -->", f"<!-- /bench:{device_kind} -->"
+    text = open(path).read() if os.path.exists(path) else RESULTS_MD_INTRO
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        after = rest.split(end, 1)[1]
+        text = before + section + after
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    with open(path, "w") as out:
+        out.write(text)
+
+
+def plot(path: str, title: str, results: list[Result]) -> bool:
+    """Grouped bars per case: fwd+bwd speedup and peak memory against eager. False if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    compared = [r for r in results if r.variant != BASELINE and r.speedup_forward_backward is not None]
+    if not compared:
+        return False
+    cases = list(dict.fromkeys(r.case_label for r in compared))
+    variants = list(dict.fromkeys(r.variant for r in compared))
+    by_key = {(r.case_label, r.variant): r for r in compared}
+    width = 0.8 / len(variants)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 1.5 + 0.25 * len(cases) * len(variants)), sharey=True)
+    panels = [("fwd+bwd speedup vs eager (higher is better)", "speedup_forward_backward"),
+              ("fwd+bwd peak extra memory / eager (lower is better)", "memory_vs_eager_forward_backward")]
+    for axis, (panel_title, attribute) in zip(axes, panels):
+        for k, variant in enumerate(variants):
+            values = [getattr(by_key.get((case, variant)), attribute, None) or 0.0 for case in cases]
+            positions = [i + (k - (len(variants) - 1) / 2) * width for i in range(len(cases))]
+            axis.barh(positions, values, height=width, label=variant)
+        axis.axvline(1.0, color="black", linewidth=0.8)
+        axis.set_title(panel_title, fontsize=10)
+        axis.set_yticks(range(len(cases)), cases, fontsize=8)
+    axes[0].invert_yaxis()  # first case on top (the axes share y, so once inverts both)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,549 @@
+// Softmax family on the CPU: softmax / log_softmax with their backward, and the fused row statistics of
+// temperature-scaled logits z = x * s (log-sum-exp, target logit, sum of logits, entropy) behind token
+// log-probs, cross entropy and entropy bonuses, with one shared backward.
+//
+// Rows are split across threads with at::parallel_for, and each row is walked in chunks of kChunk
+// columns. A chunk is first *staged*: seen in the accumulation type (fp32, or fp64 for fp64 input) and
+// padded to a whole SIMD vector. fp32/fp64 chunks are used in place; fp16/bf16 chunks and a row's ragged
+// last chunk are converted into a small buffer. Either way the chunk stays in L1 for the passes over it,
+// and the SIMD loops have no tails.
+//
+// Row statistics use the online softmax: per chunk, take the chunk max, rescale the running sums once
+// if the max grew, then accumulate exp(z - max) over the (now cached) chunk while prefetching the next
+// one. The forward forms z - max as fma(x, s, -max), so z itself is never rounded; sums are folded into
+// double per chunk. Measured against float64, every forward result is within 2x of PyTorch's own error.
+//
+// Memory traffic for N rows of V columns, in elements of the input dtype unless noted:
+//   logit_stats_forward:  read N*V,               write up to 4N fp32
+//   logit_stats_backward: read N*V + 5N fp32,     write N*V
+//   softmax_forward:      read N*V twice,         write N*V
+//   softmax_backward:     read 2*N*V twice,       write N*V
+// The second read of a row in softmax_forward/backward comes from L2 while a row fits there
+// (V up to ~256K fp32 on a 2 MiB L2), so DRAM sees each input once.
+#include "fastllm.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace fastllm {
+namespace {
+
+using at::vec::Vectorized;
+
+// Columns per chunk: 8 KiB of fp32, so the input chunk and its staging buffers sit in L1 (48 KiB)
+// between the max pass and the exp pass. A multiple of every SIMD width, so only a row's last chunk is
+// ragged.
+constexpr int64_t kChunk = 2048;
+// Rows handed to one thread carry at least this many elements, so small inputs stay single-threaded.
+constexpr int64_t kMinElementsPerTask = 1 << 16;
+
+template <typename acc_t>
+constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+// Sum of the lanes in double: chunk sums are folded into double row totals, and a fp32 shuffle tree
+// adds rounding of its own (a 7-column log_softmax backward was off by 4.8e-7, PyTorch by 3.9e-9).
+template <typename acc_t>
+inline double reduce_sum_wide(const Vectorized<acc_t>& v) {
+  __at_align__ acc_t lanes[Vectorized<acc_t>::size()];
+  v.store(lanes);
+  double sum = 0;
+  for (acc_t lane : lanes) sum += lane;
+  return sum;
+}
+
+template <typename acc_t>
+inline acc_t reduce_max(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](auto a, auto b) { return at::vec::maximum(a, b); }, v);
+}
+
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// exp(v) with NaN kept as NaN. exp_u20 (inline, ~20 ulp) makes the forward ~25% faster than Sleef's
+// 1-ulp exp and, with sums folded in double, stays within PyTorch's fp32 error; but it maps NaN to a
+// huge finite value. Since exp(v) > v for every real v, max(exp(v), v) is exp(v) itself, while the
+// NaN-propagating max turns a NaN argument back into NaN. exp(-inf) = 0.
+template <typename acc_t>
+inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& v) {
+  return at::vec::maximum(v.exp_u20(), v);
+}
+
+// ---- staging: memory <-> L1 buffer in the accumulation type ----
+
+// x[0, n) in the accumulation type followed by `pad` up to a whole vector: x itself when it already is
+// that (fp32/fp64 input, n a whole number of vectors: every chunk but a row's last), else a copy in buf.
+// The pad is chosen per use so that it drops out of every reduction (-inf for max and exp sums, 0 for
+// dot products).
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+const acc_t* stage_chunk(const scalar_t* x, int64_t n, acc_t pad, acc_t* buf) {
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (n % Vec::size() == 0) return x;
+    for (; i + Vec::size() <= n; i += Vec::size()) Vec::loadu(x + i).store(buf + i);
+  } else {  // fp16/bf16: one vector of halves widens to two fp32 vectors
+    using HalfVec = Vectorized<scalar_t>;
+    for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(HalfVec::loadu(x + i));
+      lo.store(buf + i);
+      hi.store(buf + i + Vec::size());
+    }
+  }
+  for (; i < n; ++i) buf[i] = static_cast<acc_t>(x[i]);
+  for (; i < round_up(n, Vec::size()); ++i) buf[i] = pad;
+  return buf;
+}
+
+// out[i] = vector_at(i)[i % width] for i < n: the result vectors, computed from staged chunks,
+// narrowed to the output dtype. vector_at is only called at offsets inside the padded length.
+template <typename scalar_t, typename F>
+void store_chunk(scalar_t* out, int64_t n, const F& vector_at) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; i + Vec::size() <= n; i += Vec::size()) vector_at(i).store(out + i);
+    if (i < n) vector_at(i).store(out + i, n - i);
+  } else {  // two fp32 vectors narrow to one vector of halves
+    using HalfVec = Vectorized<scalar_t>;
+    for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
+      at::vec::convert_from_float<scalar_t>(vector_at(i), vector_at(i + Vec::size())).store(out + i);
+    }
+    if (i < n) {
+      const Vec hi = n - i > Vec::size() ? vector_at(i + Vec::size()) : Vec(0);
+      at::vec::convert_from_float<scalar_t>(vector_at(i), hi).store(out + i, n - i);
+    }
+  }
+}
+
+// Columns [begin, begin + n) of a row, staged: padded_n values (n real ones, then the pad) at data.
+template <typename acc_t>
+struct Chunk {
+  int64_t begin;
+  int64_t n;
+  int64_t padded_n;
+  const acc_t* data;
+  const char* next_source;  // where the next chunk's input starts (the next row's, after a row's last)
+  int64_t source_element_bytes;
+
+  // Starts loading element i of the next chunk's input. Called once per vector of a compute pass over
+  // this chunk, it keeps DRAM streaming while the chunk is worked on from L1: the forward at
+  // 4096 x 50257 fp32 on 2 threads went from 104 to 70 ms. (Prefetching is harmless past the end.)
+  void prefetch_next(int64_t i) const { __builtin_prefetch(next_source + i * source_element_bytes); }
+};
+
+// Walks row[0, cols) chunk by chunk, staging each (through `buf`, kChunk elements, where needed) and
+// calling on_chunk(const Chunk&).
+template <typename scalar_t, typename acc_t, typename F>
+void for_each_chunk(const scalar_t* row, int64_t cols, acc_t pad, acc_t* buf, const F& on_chunk) {
+  for (int64_t begin = 0; begin < cols; begin += kChunk) {
+    const int64_t n = std::min(kChunk, cols - begin);
+    const acc_t* data = stage_chunk(row + begin, n, pad, buf);
+    const auto* next_source = reinterpret_cast<const char*>(row + begin + n);
+    on_chunk(Chunk<acc_t>{begin, n, round_up(n, Vectorized<acc_t>::size()), data, next_source, sizeof(scalar_t)});
+  }
+}
+
+// parallel_for over rows with enough columns per task to be worth a thread.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t cols, const F& body) {
+  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, body);
+}
+
+// ---- the online softmax of one row ----
+
+// Independent accumulators per reduction: one running sum or max would serialize every vector on the
+// 4-cycle add/max latency.
+constexpr int kChains = 4;
+
+// Calls step(i, k) for each vector offset i of a padded chunk, with k cycling over the kChains
+// accumulators (the last few vectors all go to accumulator 0).
+template <typename acc_t, typename F>
+inline void for_each_vector(int64_t padded_n, const F& step) {
+  constexpr int64_t width = Vectorized<acc_t>::size();
+  int64_t i = 0;
+  for (; i + kChains * width <= padded_n; i += kChains * width) {
+    for (int k = 0; k < kChains; ++k) step(i + k * width, k);
+  }
+  for (; i < padded_n; i += width) step(i, 0);
+}
+
+template <typename Vec, typename Op>
+inline Vec combine(const Vec (&chains)[kChains], const Op& op) {
+  Vec result = chains[0];
+  for (int k = 1; k < kChains; ++k) result = op(result, chains[k]);
+  return result;
+}
+
+// Running max of z = x * scale over the row so far, with sum e and sum e * (z - max), e = exp(z - max).
+// Each chunk is summed in SIMD lanes (kChunk / width terms per lane at most) and then added to the row
+// totals in double, so rounding does not grow with the vocabulary. Sums relative to the max keep the
+// entropy free of the cancellation lse - sum p*z would suffer with logits near 1e4.
+template <typename acc_t>
+struct OnlineSoftmax {
+  using Vec = Vectorized<acc_t>;
+  const acc_t scale;
+  acc_t max = kNegInf<acc_t>;
+  double sum_exp = 0;
+  double sum_exp_shifted = 0;  // sum e * (z - max); only kept when the entropy is asked for
+
+  explicit OnlineSoftmax(acc_t scale) : scale(scale) {}
+
+  // Adds a staged chunk of x padded with -inf.
+  template <bool kWantEntropy>
+  void add_chunk(const Chunk<acc_t>& chunk) {
+    const acc_t* x = chunk.data;
+    const Vec vscale(scale);
+    Vec chunk_max[kChains];
+    for (auto& m : chunk_max) m = Vec(kNegInf<acc_t>);
+    // Plain max (not NaN-propagating at::vec::maximum, 3x the instructions): a NaN reaches the results
+    // through exp(NaN) = NaN in the sums instead.
+    for_each_vector<acc_t>(chunk.padded_n, [&](int64_t i, int k) {
+      chunk_max[k] = at::vec::clamp_min(Vec::loadu(x + i) * vscale, chunk_max[k]);
+    });
+    const acc_t new_max = reduce_max(combine(chunk_max, [](Vec a, Vec b) { return at::vec::clamp_min(a, b); }));
+    if (!(new_max <= max)) rebase<kWantEntropy>(new_max);  // a NaN max makes every result NaN
+    if (max == kNegInf<acc_t>) {
+      // Every e is 0 so far (and z - max would be NaN). With no exp pass to carry a NaN into the sums,
+      // look for one here; rows this rare can afford the scalar scan.
+      if (std::any_of(x, x + chunk.padded_n, [](acc_t v) { return std::isnan(v); })) {
+        sum_exp = sum_exp_shifted = std::numeric_limits<double>::quiet_NaN();
+      }
+      return;
+    }
+
+    const Vec neg_max(-max);
+    // exp(-inf) = 0 must not turn e * (z - max) into 0 * -inf = NaN: clamping z - max to the lowest
+    // finite value makes such terms exactly 0.
+    const Vec lowest(std::numeric_limits<acc_t>::lowest());
+    Vec chunk_sum_exp[kChains], chunk_sum_exp_shifted[kChains];
+    for (int k = 0; k < kChains; ++k) chunk_sum_exp[k] = chunk_sum_exp_shifted[k] = Vec(0);
+    for_each_vector<acc_t>(chunk.padded_n, [&](int64_t i, int k) {
+      chunk.prefetch_next(i);
+      const Vec shifted = at::vec::fmadd(Vec::loadu(x + i), vscale, neg_max);
+      const Vec e = vec_exp(shifted);
+      chunk_sum_exp[k] = chunk_sum_exp[k] + e;
+      if constexpr (kWantEntropy) {
+        chunk_sum_exp_shifted[k] = at::vec::fmadd(e, at::vec::clamp_min(shifted, lowest), chunk_sum_exp_shifted[k]);
+      }
+    });
+    const auto add = [](Vec a, Vec b) { return a + b; };
+    sum_exp += reduce_sum_wide(combine(chunk_sum_exp, add));
+    if constexpr (kWantEntropy) sum_exp_shifted += reduce_sum_wide(combine(chunk_sum_exp_shifted, add));
+  }
+
+  // Moves the sums from being relative to `max` to being relative to the larger `new_max`:
+  // e scales by alpha = exp(max - new_max), and z - max = (z - new_max) + (max - new_max).
+  template <bool kWantEntropy>
+  void rebase(acc_t new_max) {
+    if (max != kNegInf<acc_t>) {  // otherwise the sums are still 0
+      const double shift = static_cast<double>(max) - new_max;
+      const double alpha = std::exp(shift);
+      if constexpr (kWantEntropy) sum_exp_shifted = alpha * (sum_exp_shifted + sum_exp * shift);
+      sum_exp *= alpha;
+    }
+    max = new_max;
+  }
+
+  // logsumexp z = max + log sum e; -inf for an all -inf row, as torch.logsumexp.
+  double lse() const { return max + std::log(sum_exp); }
+
+  // lse - sum p z with p = e / S: (max + log S) - (max + sum e (z - max) / S).
+  double entropy() const { return std::log(sum_exp) - sum_exp_shifted / sum_exp; }
+};
+
+// Running sum of a row in double lanes. Summing V = 50257 logits of either sign in fp32 lanes was
+// 8-50x less accurate than PyTorch's cascade sum; widening each term is nearly free on data in L1.
+// Written as independent lanes so the compiler vectorizes it without reassociating.
+struct WideSum {
+  static constexpr int kLanes = 16;
+  double lanes[kLanes] = {};
+
+  template <typename acc_t>
+  void add(const acc_t* x, int64_t n) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) {
+      for (int k = 0; k < kLanes; ++k) lanes[k] += static_cast<double>(x[i + k]);
+    }
+    for (int k = 0; i < n; ++i, ++k) lanes[k] += static_cast<double>(x[i]);
+  }
+
+  double total() const {
+    double sum = 0;
+    for (double lane : lanes) sum += lane;
+    return sum;
+  }
+};
+
+// ---- kernels ----
+
+template <typename scalar_t, bool kWantSum, bool kWantEntropy>
+void logit_stats_forward_kernel(const scalar_t* x, int64_t rows, int64_t cols, const int64_t* labels,
+                                int64_t ignore_index, double inv_temperature, float* lse_out,
+                                float* target_out, float* sum_out, float* entropy_out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  parallel_rows(rows, cols, [&](int64_t row_begin, int64_t row_end) {
+    alignas(64) acc_t buf[kChunk];
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const scalar_t* row = x + r * cols;
+      OnlineSoftmax<acc_t> stats(static_cast<acc_t>(inv_temperature));
+      WideSum sum_x;
+      for_each_chunk(row, cols, kNegInf<acc_t>, buf, [&](const Chunk<acc_t>& chunk) {
+        if constexpr (kWantSum) sum_x.add(chunk.data, chunk.n);  // the n real entries only: the pad is -inf
+        stats.template add_chunk<kWantEntropy>(chunk);
+      });
+      lse_out[r] = static_cast<float>(stats.lse());
+      // labels were range-checked up front
+      const bool has_target = labels != nullptr && labels[r] != ignore_index;
+      target_out[r] = has_target ? static_cast<float>(static_cast<double>(row[labels[r]]) * inv_temperature) : 0.f;
+      if constexpr (kWantSum) sum_out[r] = static_cast<float>(sum_x.total() * inv_temperature);
+      if constexpr (kWantEntropy) entropy_out[r] = static_cast<float>(stats.entropy());
+    }
+  });
+}
+
+// Per-row coefficients of dx = s * (p * (a + b * (z - lse)) + c * onehot(label) + d); each may be absent (null).
+struct RowCoefficients {
+  const float* a;
+  const float* b;
+  const float* c;
+  const float* d;
+};
+
+template <typename scalar_t>
+void logit_stats_backward_kernel(const scalar_t* x, int64_t rows, int64_t cols, const int64_t* labels,
+                                 const float* lse, RowCoefficients coef, double inv_temperature, scalar_t* dx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const acc_t s = static_cast<acc_t>(inv_temperature);
+  const auto coefficient = [s](const float* values, int64_t r) {
+    return values == nullptr ? acc_t(0) : s * static_cast<acc_t>(values[r]);
+  };
+  const acc_t lowest = std::numeric_limits<acc_t>::lowest();
+  parallel_rows(rows, cols, [&](int64_t row_begin, int64_t row_end) {
+    alignas(64) acc_t buf[kChunk];
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const scalar_t* row = x + r * cols;
+      scalar_t* dx_row = dx + r * cols;
+      // dx = p * (s a) + (p * s b) * w + s d (+ s c at the label), with w = z - lse and p = exp(w).
+      const acc_t sa = coefficient(coef.a, r), sb = coefficient(coef.b, r);
+      const acc_t sc = coefficient(coef.c, r), sd = coefficient(coef.d, r);
+      const acc_t row_lse = lse[r];
+      const Vec vs(s), vsa(sa), vsb(sb), vsd(sd), vlse(row_lse), vlowest(lowest);
+      for_each_chunk(row, cols, kNegInf<acc_t>, buf, [&](const Chunk<acc_t>& chunk) {
+        store_chunk(dx_row + chunk.begin, chunk.n, [&](int64_t i) {
+          // z is rounded to acc_t here, unlike in the forward's fma: the fp32 lse was rounded as well, and
+          // for a dominant logit the two roundings cancel (p = 1 exactly for a one-hot row of 1e4 logits).
+          const Vec w = Vec::loadu(chunk.data + i) * vs - vlse;
+          const Vec p = vec_exp(w);
+          // (p * s b) * max(w, lowest): p = 0 at w = -inf gives 0, not 0 * -inf = NaN.
+          return at::vec::fmadd(p * vsb, at::vec::clamp_min(w, vlowest), at::vec::fmadd(p, vsa, vsd));
+        });
+      });
+      // The one-hot term goes into the label's gradient before rounding, not onto its rounded value.
+      const int64_t label = labels == nullptr ? -1 : labels[r];
+      if (label >= 0 && label < cols) {
+        const acc_t w = static_cast<acc_t>(row[label]) * s - row_lse;
+        const acc_t p = std::exp(w);
+        dx_row[label] = static_cast<scalar_t>(std::fma(p * sb, std::max(w, lowest), std::fma(p, sa, sd)) + sc);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, bool kLog>
+void softmax_forward_kernel(const scalar_t* x, int64_t rows, int64_t cols, scalar_t* y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  parallel_rows(rows, cols, [&](int64_t row_begin, int64_t row_end) {
+    alignas(64) acc_t buf[kChunk];
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const scalar_t* row = x + r * cols;
+      OnlineSoftmax<acc_t> stats(1);
+      for_each_chunk(row, cols, kNegInf<acc_t>, buf,
+                     [&](const Chunk<acc_t>& chunk) { stats.template add_chunk<false>(chunk); });
+      // An all -inf row has max = -inf and sum 0: x - max = NaN, so both results are NaN, as in PyTorch.
+      const Vec vmax(stats.max);
+      const Vec log_total(static_cast<acc_t>(std::log(stats.sum_exp)));
+      const Vec inv_total(static_cast<acc_t>(1 / stats.sum_exp));
+      for_each_chunk(row, cols, kNegInf<acc_t>, buf, [&](const Chunk<acc_t>& chunk) {
+        store_chunk(y + r * cols + chunk.begin, chunk.n, [&](int64_t i) {
+          const Vec shifted = Vec::loadu(chunk.data + i) - vmax;
+          if constexpr (kLog) return shifted - log_total;
+          else return vec_exp(shifted) * inv_total;
+        });
+      });
+    }
+  });
+}
+
+// softmax:     dx = y * (dy - sum(dy * y))
+// log_softmax: dx = dy - exp(y) * sum(dy)
+template <typename scalar_t, bool kLog>
+void softmax_backward_kernel(const scalar_t* dy, const scalar_t* y, int64_t rows, int64_t cols, scalar_t* dx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  parallel_rows(rows, cols, [&](int64_t row_begin, int64_t row_end) {
+    alignas(64) acc_t dy_buf[kChunk];
+    alignas(64) acc_t y_buf[kChunk];
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const scalar_t* dy_row = dy + r * cols;
+      const scalar_t* y_row = y + r * cols;
+      // Per-chunk lane sums, added up in double as in OnlineSoftmax; padding with 0 keeps the pad out.
+      double row_sum = 0;
+      for_each_chunk(dy_row, cols, acc_t(0), dy_buf, [&](const Chunk<acc_t>& dy_chunk) {
+        Vec chunk_sum[kChains];
+        for (auto& sum : chunk_sum) sum = Vec(0);
+        if constexpr (kLog) {
+          for_each_vector<acc_t>(dy_chunk.padded_n, [&](int64_t i, int k) {
+            chunk_sum[k] = chunk_sum[k] + Vec::loadu(dy_chunk.data + i);
+          });
+        } else {
+          const acc_t* y_chunk = stage_chunk(y_row + dy_chunk.begin, dy_chunk.n, acc_t(0), y_buf);
+          for_each_vector<acc_t>(dy_chunk.padded_n, [&](int64_t i, int k) {
+            chunk_sum[k] = at::vec::fmadd(Vec::loadu(dy_chunk.data + i), Vec::loadu(y_chunk + i), chunk_sum[k]);
+          });
+        }
+        row_sum += reduce_sum_wide(combine(chunk_sum, [](Vec a, Vec b) { return a + b; }));
+      });
+      const Vec total(static_cast<acc_t>(row_sum));
+      for_each_chunk(dy_row, cols, acc_t(0), dy_buf, [&](const Chunk<acc_t>& dy_chunk) {
+        const acc_t* y_chunk = stage_chunk(y_row + dy_chunk.begin, dy_chunk.n, acc_t(0), y_buf);
+        store_chunk(dx + r * cols + dy_chunk.begin, dy_chunk.n, [&](int64_t i) {
+          const Vec dyi = Vec::loadu(dy_chunk.data + i), yi = Vec::loadu(y_chunk + i);
+          if constexpr (kLog) return at::vec::fnmadd(vec_exp(yi), total, dyi);  // one rounding, not two
+          else return yi * (dyi - total);
+        });
+      });
+    }
+  });
+}
+
+// ---- argument checks ----
+
+void check_matrix(const torch::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D (rows, cols), got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, op,
+              ": ", name, " must be float32, float16, bfloat16 or float64, got ", dtype);
+}
+
+// A per-row vector of shape (rows,); returned contiguous (it is small, and a broadcast scalar is fine).
+torch::Tensor checked_row_vector(const torch::Tensor& t, int64_t rows, at::ScalarType dtype, const char* op,
+                                 const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == rows, op, ": ", name, " must have shape (", rows, ",), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  return t.contiguous();
+}
+
+std::optional<torch::Tensor> checked_row_vector(const std::optional<torch::Tensor>& t, int64_t rows,
+                                                at::ScalarType dtype, const char* op, const char* name) {
+  if (!t.has_value()) return std::nullopt;
+  return checked_row_vector(*t, rows, dtype, op, name);
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<torch::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<T>() : nullptr;
+}
+
+// Every label must be ignore_index or a column: it is used as an index into the row.
+void check_label_range(const torch::Tensor& labels, int64_t cols, int64_t ignore_index) {
+  const int64_t* values = labels.data_ptr<int64_t>();
+  for (int64_t r = 0; r < labels.numel(); ++r) {
+    const int64_t label = values[r];
+    TORCH_CHECK(label == ignore_index || (label >= 0 && label < cols), "label ", label, " at position ", r,
+                " is out of range for ", cols, " classes (expected 0 <= label < ", cols,
+                " or label == ignore_index = ", ignore_index, ")");
+  }
+}
+
+}  // namespace
+
+torch::Tensor softmax_forward(const torch::Tensor& x, bool log) {
+  check_matrix(x, "softmax_forward", "x");
+  auto y = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_forward", [&] {
+    const auto kernel = log ? softmax_forward_kernel<scalar_t, true> : softmax_forward_kernel<scalar_t, false>;
+    kernel(x.data_ptr<scalar_t>(), x.size(0), x.size(1), y.data_ptr<scalar_t>());
+  });
+  return y;
+}
+
+torch::Tensor softmax_backward(const torch::Tensor& dy, const torch::Tensor& y, bool log) {
+  check_matrix(dy, "softmax_backward", "dy");
+  check_matrix(y, "softmax_backward", "y");
+  TORCH_CHECK(dy.sizes() == y.sizes(), "softmax_backward: dy and y must have the same shape, got ", dy.sizes(),
+              " and ", y.sizes());
+  TORCH_CHECK(dy.scalar_type() == y.scalar_type(), "softmax_backward: dy and y must have the same dtype, got ",
+              dy.scalar_type(), " and ", y.scalar_type());
+  auto dx = torch::empty_like(y);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "softmax_backward", [&] {
+    const auto kernel = log ? softmax_backward_kernel<scalar_t, true> : softmax_backward_kernel<scalar_t, false>;
+    kernel(dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), y.size(0), y.size(1), dx.data_ptr<scalar_t>());
+  });
+  return dx;
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> logit_stats_forward(
+    const torch::Tensor& x, const std::optional<torch::Tensor>& labels, double inv_temperature,
+    int64_t ignore_index, bool want_sum, bool want_entropy) {
+  constexpr const char* op = "logit_stats_forward";
+  check_matrix(x, op, "x");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const auto checked_labels = checked_row_vector(labels, rows, at::kLong, op, "labels");
+  if (checked_labels.has_value()) check_label_range(*checked_labels, cols, ignore_index);
+
+  const auto stat = [&](bool wanted) { return x.new_empty({wanted ? rows : 0}, x.options().dtype(at::kFloat)); };
+  auto lse = stat(true), target = stat(true), sum_z = stat(want_sum), entropy = stat(want_entropy);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    // The wanted statistics are compile-time flags so the hot loop carries no dead work.
+    using Kernel = decltype(&logit_stats_forward_kernel<scalar_t, false, false>);
+    const Kernel kernels[2][2] = {
+        {logit_stats_forward_kernel<scalar_t, false, false>, logit_stats_forward_kernel<scalar_t, false, true>},
+        {logit_stats_forward_kernel<scalar_t, true, false>, logit_stats_forward_kernel<scalar_t, true, true>}};
+    kernels[want_sum][want_entropy](x.data_ptr<scalar_t>(), rows, cols, data_or_null<int64_t>(checked_labels),
+                                    ignore_index, inv_temperature, lse.data_ptr<float>(), target.data_ptr<float>(),
+                                    want_sum ? sum_z.data_ptr<float>() : nullptr,
+                                    want_entropy ? entropy.data_ptr<float>() : nullptr);
+  });
+  return {lse, target, sum_z, entropy};
+}
+
+torch::Tensor logit_stats_backward(
+    const torch::Tensor& x, const std::optional<torch::Tensor>& labels, const torch::Tensor& lse,
+    const torch::Tensor& a, const std::optional<torch::Tensor>& b, const std::optional<torch::Tensor>& c,
+    const std::optional<torch::Tensor>& d, double inv_temperature) {
+  constexpr const char* op = "logit_stats_backward";
+  check_matrix(x, op, "x");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  // Out-of-range labels (ignore_index) just get no one-hot term, so they need no range check.
+  const auto checked_labels = checked_row_vector(labels, rows, at::kLong, op, "labels");
+  const auto checked_lse = checked_row_vector(lse, rows, at::kFloat, op, "lse");
+  const auto checked_a = checked_row_vector(a, rows, at::kFloat, op, "a");
+  const auto checked_b = checked_row_vector(b, rows, at::kFloat, op, "b");
+  const auto checked_c = checked_row_vector(c, rows, at::kFloat, op, "c");
+  const auto checked_d = checked_row_vector(d, rows, at::kFloat, op, "d");
+  const RowCoefficients coef{checked_a.data_ptr<float>(), data_or_null<float>(checked_b),
+                             data_or_null<float>(checked_c), data_or_null<float>(checked_d)};
+
+  auto dx = torch::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+    logit_stats_backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), rows, cols, data_or_null<int64_t>(checked_labels),
+                                          checked_lse.data_ptr<float>(), coef, inv_temperature,
+                                          dx.data_ptr<scalar_t>());
+  });
+  return dx;
+}
+
+}  // namespace fastllm

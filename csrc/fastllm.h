@@ -1,0 +1,79 @@
+// Declarations of every CPU op, one block per op family; bindings.cpp exposes them to Python.
+// All inputs arrive from fastllm.ops already validated for shape, dtype and device, as contiguous
+// 2-D (rows, cols) tensors; the kernels still check what they index (labels) and fail with a
+// clear error rather than read out of bounds.
+#pragma once
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastllm {
+
+// ---- softmax family (cpu/softmax.cpp) ----
+torch::Tensor softmax_forward(const torch::Tensor& x, bool log);
+torch::Tensor softmax_backward(const torch::Tensor& dy, const torch::Tensor& y, bool log);
+
+// Row statistics of z = x * inv_temperature: (lse, target, sum_z, entropy), all fp32 of shape (rows,).
+// target is z[label] (0 where label == ignore_index); sum_z and entropy are empty unless asked for.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> logit_stats_forward(
+    const torch::Tensor& x, const std::optional<torch::Tensor>& labels, double inv_temperature,
+    int64_t ignore_index, bool want_sum, bool want_entropy);
+
+// dx = inv_temperature * (p * (a + b * (z - lse)) + c * onehot(label) + d), p = exp(z - lse); per-row fp32
+// coefficients, b/c/d optional (absent = 0). Labels outside [0, cols) get no one-hot term.
+torch::Tensor logit_stats_backward(
+    const torch::Tensor& x, const std::optional<torch::Tensor>& labels, const torch::Tensor& lse,
+    const torch::Tensor& a, const std::optional<torch::Tensor>& b, const std::optional<torch::Tensor>& c,
+    const std::optional<torch::Tensor>& d, double inv_temperature);
+
+// ---- norm family (cpu/norm.cpp) ----
+// LayerNorm (rms=false) or RMSNorm (rms=true) over the last dimension of x (rows, cols), with an optional
+// fused residual add: h = x + residual (rounded to x's dtype) is normalized and returned as residual_out.
+// y = (h - mean) * rstd * (offset + weight) + bias; a missing weight scales by 1, a missing bias adds 0.
+// weight and bias have x's dtype or float32. Returns (y, residual_out, mean, rstd): residual_out is empty
+// without a residual, mean is empty for RMSNorm; mean and rstd are (rows,) in float32 (float64 for float64 x).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> norm_forward(
+    const torch::Tensor& x, const std::optional<torch::Tensor>& residual, const std::optional<torch::Tensor>& weight,
+    const std::optional<torch::Tensor>& bias, double eps, double offset, bool rms);
+
+// Gradients of norm_forward given dy (and d_residual_out, the gradient reaching residual_out, added to dx);
+// h is the normalized input (x, or residual_out). Returns (dx, dweight, dbias): dweight/dbias are (cols,)
+// in mean's dtype, empty unless wanted, and have the same bits on every run.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_backward(
+    const torch::Tensor& dy, const std::optional<torch::Tensor>& d_residual_out, const torch::Tensor& h,
+    const std::optional<torch::Tensor>& weight, const torch::Tensor& mean, const torch::Tensor& rstd,
+    double offset, bool rms, bool want_weight_grad, bool want_bias_grad);
+
+// ---- attention family (cpu/attention.cpp) ----
+// Fused (flash) attention over packed sequences. q: (total_q, heads_q, head_dim); k, v: (total_k, heads_kv,
+// head_dim), heads_q a multiple of heads_kv; contiguous, one float dtype. Sequence b owns query rows
+// [cu_seqlens_q[b], cu_seqlens_q[b+1]) and key rows [cu_seqlens_k[b], cu_seqlens_k[b] + len_k), len_k =
+// seqused_k[b] if given, else cu_seqlens_k[b+1] - cu_seqlens_k[b]; without cu_seqlens (int32, given together)
+// every sequence has max_seqlen_q queries and max_seqlen_k keys. Queries are aligned to the end of their keys:
+// query i of a sequence sees key j iff i + len_k - len_q - window_left <= j <= i + len_k - len_q + window_right,
+// a bound of -1 being absent (causal: window_right = 0). Returns (out like q, lse of shape (heads_q, total_q)
+// in float32, float64 for float64 input); a row that sees no key gets out = 0 and lse = -inf.
+std::tuple<torch::Tensor, torch::Tensor> attention_forward(
+    const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+    const std::optional<torch::Tensor>& cu_seqlens_q, const std::optional<torch::Tensor>& cu_seqlens_k,
+    const std::optional<torch::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    int64_t window_left, int64_t window_right);
+
+// Gradients (dq, dk, dv) of attention_forward given dout and, optionally, dlse (the gradient reaching lse,
+// shaped as lse). Deterministic: the same bits on every run.
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_backward(
+    const torch::Tensor& dout, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+    const torch::Tensor& out, const torch::Tensor& lse, const std::optional<torch::Tensor>& dlse,
+    const std::optional<torch::Tensor>& cu_seqlens_q, const std::optional<torch::Tensor>& cu_seqlens_k,
+    const std::optional<torch::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
+    int64_t window_left, int64_t window_right);
+
+// ---- gae family (cpu/gae.cpp) ----
+// Generalised advantage estimation over (batch, steps) rewards and values of one float dtype and a bool mask of
+// valid steps: per sequence, a reverse scan that skips masked steps, so the value past a sequence's last valid
+// step is 0. Returns (advantages, returns = advantages + values) in the input dtype, 0 at masked steps.
+std::tuple<torch::Tensor, torch::Tensor> gae_forward(const torch::Tensor& rewards, const torch::Tensor& values,
+                                                     const torch::Tensor& mask, double gamma, double lam);
+
+}  // namespace fastllm

@@ -1,0 +1,50 @@
+"""The C++ extension: imported ahead-of-time build if present, else compiled with ninja on first use.
+
+The JIT build lands in ~/.cache/fastllm (or $FASTLLM_CACHE) under a name that includes the torch version,
+the CPU capability and a hash of the sources, so it is rebuilt exactly when one of those changes.
+"""
+import functools
+import importlib.resources
+import os
+
+import torch
+
+from . import _build
+
+
+class CppUnavailable(RuntimeError):
+    """The C++ extension could neither be imported nor built here."""
+
+
+def _csrc_dir():
+    return str(importlib.resources.files("fastllm.csrc"))
+
+
+@functools.cache
+def load():
+    """Return the extension module, or raise CppUnavailable saying why."""
+    try:
+        from . import _C  # built ahead of time by setup.py with FASTLLM_BUILD_EXT=1
+
+        return _C
+    except ImportError:
+        pass
+    try:
+        from torch.utils import cpp_extension
+
+        csrc = _csrc_dir()
+        capability = torch.backends.cpu.get_cpu_capability()
+        tag = f"torch{torch.__version__.split('+')[0].replace('.', '_')}_{capability}_{_build.source_hash(csrc)}"
+        build_dir = os.path.join(os.environ.get("FASTLLM_CACHE", os.path.expanduser("~/.cache/fastllm")), tag)
+        os.makedirs(build_dir, exist_ok=True)
+        return cpp_extension.load(
+            name="fastllm_cpp",
+            sources=_build.cpp_sources(csrc),
+            extra_include_paths=[csrc],
+            extra_cflags=_build.cxx_flags(capability),
+            extra_ldflags=["-fopenmp"],
+            build_directory=build_dir,
+            verbose=os.environ.get("FASTLLM_VERBOSE_BUILD") == "1",
+        )
+    except Exception as exc:  # a missing compiler, ninja, or headers: the torch backend still works
+        raise CppUnavailable(f"the C++ extension could not be built ({type(exc).__name__}: {exc})") from exc

@@ -1,0 +1,12 @@
+"""fastllm's functional API: every op runs on the backend chosen by fastllm.backend (torch, triton or cpp)."""
+from .attention import attention, attention_decode, attention_varlen
+from .norm import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from .softmax import cross_entropy, entropy, log_softmax, softmax, token_logprobs
+from .fused_linear import linear_cross_entropy, linear_dpo_loss, linear_ppo_loss, linear_token_logprobs
+from .rl import dpo_loss, gae, ppo_policy_loss, value_loss
+
+__all__ = ["softmax", "log_softmax", "token_logprobs", "entropy", "cross_entropy",
+           "layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm",
+           "linear_token_logprobs", "linear_cross_entropy", "linear_ppo_loss", "linear_dpo_loss",
+           "ppo_policy_loss", "value_loss", "dpo_loss", "gae",
+           "attention", "attention_varlen", "attention_decode"]

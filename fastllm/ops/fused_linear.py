@@ -1,0 +1,710 @@
+"""Fused linear-head losses: log-probs, entropy and cross-entropy straight from hidden states, and the PPO and
+DPO losses built on them, without ever holding the (tokens, vocabulary) logits.
+
+One driver, `_run_chunks`, serves every op and both kernel backends (cpp and triton differ only in which
+softmax-family kernels `kernels(backend, "softmax")` returns). With hidden (N, H), weight (V, H), z = logits / T:
+
+    for each chunk of C token rows:
+        logits  = hidden[rows] @ weight.T + bias                    (C, V): a matmul, MKL/oneDNN or cuBLAS
+        lse, z[label], sum(z), entropy = logit_stats_forward(logits)     one read of the chunk
+        a, b, c, d = the loss's per-row coefficients, from those statistics
+        dlogits = logit_stats_backward(logits, a, b, c, d)          (C, V): p (a + b log p) + c onehot + d
+        grad_hidden[rows] = dlogits @ weight;  grad_weight += dlogits.T @ hidden[rows];  grad_bias += sum(dlogits)
+        (the chunk's logits and dlogits are freed before the next chunk)
+
+Each loss says only how its value depends on the row statistics (a "head": its coefficients are the
+derivatives of the loss with respect to lse, z[label], sum(z) and entropy, folded into (a, b, c, d) by
+softmax.stat_gradient_coefficients).
+The formulas themselves are shared with the unfused ops (softmax.py, rl.py).
+
+Two schedules, and why:
+  * Scalar losses (linear_cross_entropy with reduction "mean"/"sum", linear_ppo_loss, linear_dpo_loss):
+    the loss's gradient is known chunk by chunk, so it is computed during the forward in the same pass:
+    3 matmuls of 2 N H V FLOPs each, as many as eager, and the logits are read twice (statistics, gradient).
+    The backward only multiplies the stored grad_hidden / grad_weight / grad_bias by grad_output. The price
+    is holding those gradients from forward to backward (hidden- and weight-sized: eager allocates them
+    too); a forward under no_grad, or with nothing requiring grad, skips the two gradient matmuls.
+  * Per-token outputs (linear_token_logprobs, its entropy, linear_cross_entropy with reduction "none"): the
+    upstream gradient is arbitrary and arrives only in backward, so the forward keeps (N,) statistics and
+    the backward recomputes each chunk's logits: 4 matmuls instead of 3 (+33% FLOPs) in exchange for never
+    storing N x V. When the loss on top is one of the scalar losses, use that op instead.
+  DPO's loss needs whole sequences, so its chunks are whole (chosen, rejected) pairs: one pair's logits are
+  computed even when they exceed the chunk budget.
+
+Memory beyond inputs and outputs: two C x V chunks (logits and their gradient; C x V x itemsize each) plus
+the gradients; a half-precision weight gradient is summed in fp32 (V x H x 4 bytes, plus one chunk's V x H
+partial). C is chosen so a chunk of logits is at most CHUNK_BYTES (128 MiB: at 8192 x 768 x 50257 fp32 that
+is 13 chunks of 631 rows, each still a large, efficient matmul), or is set by `chunk_size` (token rows).
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import rl
+from ._common import check_label_range, check_positive, check_same_device, check_tensor, kernels, resolve
+from .softmax import reference as softmax_reference
+from .softmax import stat_gradient_coefficients
+
+SOFTMAX = "softmax"  # the kernel family whose row-statistics kernels every chunk runs
+CHUNK_BYTES = 128 * 2**20  # most bytes of logits in one chunk, unless chunk_size says otherwise
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reference: plain PyTorch with materialised logits. The test oracle (in float64) and the eager baseline.
+# ---------------------------------------------------------------------------------------------------------
+class reference:
+    @staticmethod
+    def linear_token_logprobs(hidden, weight, labels, bias=None, temperature=1.0, ignore_index=-100,
+                              return_entropy=False):
+        logits = F.linear(hidden, weight, bias)
+        logprobs = softmax_reference.token_logprobs(logits, labels, temperature, ignore_index)
+        if not return_entropy:
+            return logprobs
+        return logprobs, softmax_reference.entropy(logits, temperature)
+
+    @staticmethod
+    def linear_cross_entropy(hidden, weight, labels, bias=None, ignore_index=-100, reduction="mean",
+                             label_smoothing=0.0):
+        return softmax_reference.cross_entropy(F.linear(hidden, weight, bias), labels, ignore_index, reduction,
+                                               label_smoothing)
+
+    @staticmethod
+    def linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, bias=None, ref_logprobs=None,
+                        kl_coef=0.0, entropy_coef=0.0, clip_eps=0.2, clip_eps_high=None, dual_clip=None,
+                        temperature=1.0, ignore_index=-100):
+        logprobs, entropy = reference.linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index,
+                                                            return_entropy=True)
+        mask = torch.where(labels != ignore_index, mask.to(torch.promote_types(mask.dtype, torch.float32)), 0.0)
+        return rl.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps,
+                                  clip_eps_high=clip_eps_high, dual_clip=dual_clip, entropy=entropy,
+                                  entropy_coef=entropy_coef, ref_logprobs=ref_logprobs, kl_coef=kl_coef)
+
+    @staticmethod
+    def linear_dpo_loss(chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels, ref_chosen_logps,
+                        ref_rejected_logps, bias=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+                        ignore_index=-100):
+        def sequence_logprobs(hidden, labels):
+            return reference.linear_token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index).sum(-1)
+
+        return rl.dpo_loss(sequence_logprobs(chosen_hidden, chosen_labels),
+                           sequence_logprobs(rejected_hidden, rejected_labels), ref_chosen_logps,
+                           ref_rejected_logps, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Chunking
+# ---------------------------------------------------------------------------------------------------------
+def chunk_rows(vocab: int, dtype: torch.dtype, chunk_size: Optional[int] = None) -> int:
+    """Most token rows per chunk: `chunk_size` if given, else as many as keep a chunk of logits in CHUNK_BYTES."""
+    if chunk_size is not None:
+        return chunk_size
+    return max(1, CHUNK_BYTES // (vocab * dtype.itemsize))
+
+
+def _even_ranges(total, most):
+    """[0, total) cut into the fewest ranges of at most `most`, whose sizes differ by at most one (no tiny
+    last range: 8192 rows at most 667 a chunk are 13 chunks of 630 or 631, not 12 of 667 and one of 188)."""
+    count = max(1, -(-total // most))
+    bounds = [i * total // count for i in range(count + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _row_chunks(rows, most):
+    """Chunks of consecutive token rows; a chunk is a tuple of [start, end) row ranges."""
+    return [(bounds,) for bounds in _even_ranges(rows, most)]
+
+
+def _rows(t, ranges):
+    """The rows of one chunk: a view for one range, a copy for several (rows x hidden: small next to logits)."""
+    if len(ranges) == 1:
+        start, end = ranges[0]
+        return t[start:end]
+    return torch.cat([t[start:end] for start, end in ranges])
+
+
+def _put_rows(out, ranges, values):
+    offset = 0
+    for start, end in ranges:
+        out[start:end] = values[offset:offset + end - start]
+        offset += end - start
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------------------
+class _Projection(NamedTuple):
+    """What every chunk shares: hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64."""
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    labels: torch.Tensor
+    inv_temperature: float
+    ignore_index: int
+
+
+class _GradientSums:
+    """grad_hidden, grad_weight and grad_bias built chunk by chunk; each one not wanted is an empty tensor."""
+
+    def __init__(self, projection, want_grads):
+        hidden, weight, bias = projection.hidden, projection.weight, projection.bias
+        self.projection = projection
+        # A half-precision weight gradient is summed over chunks in fp32: each chunk's matmul rounds once, as
+        # eager's one matmul does, and the running sum adds no rounding of its own until the final cast.
+        self.sum_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.want_hidden, self.want_weight = want_grads[0], want_grads[1]
+        self.want_bias = want_grads[2] and bias is not None
+        self.hidden = torch.empty_like(hidden) if self.want_hidden else None  # every row is written by one chunk
+        self.weight = self.bias = None  # the first chunk's contribution, then the running sum
+
+    @property
+    def wanted(self):
+        return self.want_hidden or self.want_weight or self.want_bias
+
+    def add(self, ranges, hidden, dlogits):
+        weight = self.projection.weight
+        if self.want_hidden:
+            if len(ranges) == 1:
+                torch.mm(dlogits, weight, out=self.hidden[ranges[0][0]:ranges[0][1]])
+            else:
+                _put_rows(self.hidden, ranges, dlogits @ weight)
+        if self.want_weight:
+            if self.weight is None:
+                self.weight = (dlogits.t() @ hidden).to(self.sum_dtype)
+            elif self.weight.dtype == dlogits.dtype:
+                self.weight.addmm_(dlogits.t(), hidden)  # accumulated inside the matmul: no V x H temporary
+            else:
+                self.weight += dlogits.t() @ hidden
+        if self.want_bias:
+            bias = dlogits.sum(0, dtype=self.sum_dtype)
+            self.bias = bias if self.bias is None else self.bias.add_(bias)
+
+    def result(self):
+        projection = self.projection
+
+        def final(grad, like):
+            return like.new_empty(0) if grad is None else grad.to(like.dtype)
+
+        bias_like = projection.bias if projection.bias is not None else projection.weight
+        return (final(self.hidden, projection.hidden), final(self.weight, projection.weight),
+                final(self.bias, bias_like))
+
+
+def _run_chunks(backend, projection, chunks, on_chunk, *, want_sum=False, want_entropy=False, saved_lse=None,
+                want_grads=(False, False, False)):
+    """Walk `chunks`; per chunk compute the logits and their row statistics (or take lse from `saved_lse`),
+    ask on_chunk(index, ranges, labels, lse, target, sum_z, entropy) for the coefficients (a, b, c, d) of the
+    chunk's logit gradient, or None, and accumulate the wanted gradients. Returns (grad_hidden, grad_weight,
+    grad_bias), empty where not wanted."""
+    softmax_kernels = kernels(backend, SOFTMAX)
+    hidden_all, weight, bias, labels_all, inv_temperature, ignore_index = projection
+    grads = _GradientSums(projection, want_grads)
+    # One logits buffer for every chunk: a fresh 128 MiB tensor costs ~50 ms of page faults on the CPU
+    # (measured: 60 ms to allocate and fill, 10 ms to refill), as much as the softmax kernels themselves.
+    most_rows = max(sum(end - start for start, end in ranges) for ranges in chunks)
+    logits_buffer = hidden_all.new_empty(most_rows, weight.shape[0])
+    for index, ranges in enumerate(chunks):
+        hidden, labels = _rows(hidden_all, ranges), _rows(labels_all, ranges)
+        logits = logits_buffer[:hidden.shape[0]]
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, hidden, weight.t(), out=logits)
+        if saved_lse is None:
+            stats = softmax_kernels.logit_stats_forward(logits, labels, inv_temperature, ignore_index, want_sum,
+                                                        want_entropy)
+        else:
+            stats = (_rows(saved_lse, ranges), None, None, None)
+        coefficients = on_chunk(index, ranges, labels, *stats)
+        if coefficients is None or not grads.wanted:
+            continue
+        dlogits = softmax_kernels.logit_stats_backward(logits, labels, stats[0], *coefficients, inv_temperature)
+        grads.add(ranges, hidden, dlogits)
+        del dlogits  # before the next chunk's: at most two chunks of logits are alive at once
+    return grads.result()
+
+
+def _flatten(hidden, labels):
+    """(..., H) hidden and (...) labels -> contiguous (N, H) rows and (N,) int64 labels."""
+    return hidden.reshape(-1, hidden.shape[-1]).contiguous(), labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def _wanted_grads(hidden, weight, bias):
+    grad_on = torch.is_grad_enabled()
+    return [grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+            grad_on and bias is not None and bias.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Per-token statistics: forward keeps (N,) vectors, backward recomputes the chunks' logits
+# ---------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("fastllm::linear_logit_stats", mutates_args=())
+def _linear_logit_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                        labels: torch.Tensor, inv_temperature: float, ignore_index: int, want_sum: bool,
+                        want_entropy: bool, chunk_size: int, backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_label_range(labels, weight.shape[0], ignore_index)  # inside the op: data-dependent, one graph node
+    rows = hidden.shape[0]
+    stat = dict(dtype=torch.float32, device=hidden.device)
+    outputs = tuple(torch.empty(rows if wanted else 0, **stat) for wanted in (True, True, want_sum, want_entropy))
+
+    def store(index, ranges, chunk_labels, *stats):
+        for out, value in zip(outputs, stats):
+            if out.numel():
+                _put_rows(out, ranges, value)
+
+    projection = _Projection(hidden, weight, bias, labels, inv_temperature, ignore_index)
+    _run_chunks(backend, projection, _row_chunks(rows, chunk_size), store, want_sum=want_sum,
+                want_entropy=want_entropy)
+    return outputs
+
+
+@_linear_logit_stats.register_fake
+def _(hidden, weight, bias, labels, inv_temperature, ignore_index, want_sum, want_entropy, chunk_size, backend):
+    rows = hidden.shape[0]
+    stat = lambda wanted: hidden.new_empty((rows if wanted else 0,), dtype=torch.float32)  # noqa: E731
+    return stat(True), stat(True), stat(want_sum), stat(want_entropy)
+
+
+@torch.library.custom_op("fastllm::linear_logit_stats_backward", mutates_args=())
+def _linear_logit_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                                 labels: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor],
+                                 c: Optional[torch.Tensor], d: Optional[torch.Tensor], inv_temperature: float,
+                                 chunk_size: int, want_grads: list[bool], backend: str
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    coefficients = (a, b, c, d)
+
+    def sliced(index, ranges, chunk_labels, *stats):
+        return tuple(None if t is None else _rows(t, ranges) for t in coefficients)
+
+    projection = _Projection(hidden, weight, bias, labels, inv_temperature, -1)  # ignored rows have c = 0
+    return _run_chunks(backend, projection, _row_chunks(hidden.shape[0], chunk_size), sliced, saved_lse=lse,
+                       want_grads=want_grads)
+
+
+def _gradient_fakes(hidden, weight, bias, want_grads):
+    def grad(like, wanted):
+        return like.new_empty(like.shape if wanted else (0,))
+
+    return (grad(hidden, want_grads[0]), grad(weight, want_grads[1]),
+            grad(bias if bias is not None else weight, want_grads[2] and bias is not None))
+
+
+@_linear_logit_stats_backward.register_fake
+def _(hidden, weight, bias, labels, lse, a, b, c, d, inv_temperature, chunk_size, want_grads, backend):
+    return _gradient_fakes(hidden, weight, bias, want_grads)
+
+
+def _linear_logit_stats_setup(ctx, inputs, output):
+    (hidden, weight, bias, labels, ctx.inv_temperature, ctx.ignore_index, ctx.want_sum, ctx.want_entropy,
+     ctx.chunk_size, ctx.backend) = inputs
+    lse, _, _, entropy = output
+    ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+
+
+def _linear_logit_stats_grad(ctx, g_lse, g_target, g_sum, g_entropy):
+    hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+    a, b, c, d = stat_gradient_coefficients(labels, ctx.ignore_index, entropy, g_lse, g_target,
+                                            g_sum if ctx.want_sum else None, g_entropy if ctx.want_entropy else None)
+    want = [bool(w) for w in ctx.needs_input_grad[:3]]
+    grads = _linear_logit_stats_backward(hidden, weight, bias, labels, lse, a, b, c, d, ctx.inv_temperature,
+                                         ctx.chunk_size, want, ctx.backend)
+    return tuple(g if w else None for g, w in zip(grads, want)) + (None,) * 7
+
+
+_linear_logit_stats.register_autograd(_linear_logit_stats_grad, setup_context=_linear_logit_stats_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scalar losses: one pass, the gradient computed in the forward. Each head turns a chunk's row statistics
+# into its share of the loss and the chunk's coefficients.
+# ---------------------------------------------------------------------------------------------------------
+def _cross_entropy_rows(lse, target, sum_z, label_smoothing, vocab):
+    """Per-row cross-entropy: (1 - s)(lse - z[label]) + s (lse - mean(z)), as F.cross_entropy smooths labels."""
+    loss = lse - target
+    if label_smoothing:
+        loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_z / vocab)
+    return loss
+
+
+class _CrossEntropyHead:
+    want_entropy = False
+
+    def __init__(self, rows, most, labels, ignore_index, label_smoothing, vocab, mean):
+        self.chunks = _row_chunks(rows, most)
+        self.ignore_index, self.smoothing, self.vocab = ignore_index, label_smoothing, vocab
+        self.want_sum = label_smoothing > 0
+        count = (labels != ignore_index).sum(dtype=torch.float32)
+        self.denominator = count if mean else torch.ones_like(count)  # a mean over no label is 0/0, as in torch
+        self.total = torch.zeros((), dtype=torch.float32, device=labels.device)
+
+    def __call__(self, index, ranges, labels, lse, target, sum_z, entropy):
+        valid = labels != self.ignore_index
+        self.total += torch.where(valid, _cross_entropy_rows(lse, target, sum_z, self.smoothing, self.vocab), 0.0).sum()
+        weight = torch.where(valid, 1.0 / self.denominator, 0.0)  # d loss / d row loss
+        smoothing = self.smoothing
+        return stat_gradient_coefficients(labels, self.ignore_index, entropy, g_lse=weight,
+                                          g_target=-(1.0 - smoothing) * weight,
+                                          g_sum=-(smoothing / self.vocab) * weight if smoothing else None)
+
+    def result(self):
+        return self.total / self.denominator, self.total.new_empty(0)
+
+
+class _PolicyHead:
+    """PPO (rl.policy_terms) on the chunk's log-probs; entropy is always computed, for the statistics."""
+    want_sum, want_entropy = False, True
+    # stats, each a masked token mean: loss, clip fraction, approx KL, ratio, entropy, KL to the reference
+    n_sums = 6
+
+    def __init__(self, rows, most, labels, old_logprobs, advantages, mask, ref_logprobs, ignore_index, clip_low,
+                 clip_high, dual_clip, kl_coef, entropy_coef):
+        self.chunks = _row_chunks(rows, most)
+        self.old_logprobs, self.advantages, self.ref_logprobs = old_logprobs, advantages, ref_logprobs
+        self.mask = torch.where(labels != ignore_index, mask, 0.0)  # an ignored label is no token of the loss
+        self.denominator = rl.mask_denominator(self.mask)
+        self.ignore_index = ignore_index
+        self.policy = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
+                           entropy_coef=entropy_coef)
+        self.entropy_coef = entropy_coef
+        self.sums = torch.zeros(self.n_sums, dtype=torch.float32, device=labels.device)
+
+    def __call__(self, index, ranges, labels, lse, target, sum_z, entropy):
+        mask = _rows(self.mask, ranges)
+        logprobs = torch.where(labels != self.ignore_index, target - lse, 0.0)
+        ref_logprobs = None if self.ref_logprobs is None else _rows(self.ref_logprobs, ranges)
+        terms = rl.policy_terms(logprobs, _rows(self.old_logprobs, ranges), _rows(self.advantages, ranges),
+                                entropy=entropy, ref_logprobs=ref_logprobs, with_derivative=True, **self.policy)
+        ref_kl = terms.ref_kl if terms.ref_kl is not None else torch.zeros_like(logprobs)
+        pieces = (terms.loss, terms.clipped.float(), terms.approx_kl, terms.ratio, entropy, ref_kl)
+        self.sums += torch.stack([rl.masked_sum(piece, mask) for piece in pieces])
+        weight = torch.where(mask != 0, mask / self.denominator, 0.0)  # d loss / d token loss
+        g_logprobs = torch.where(mask != 0, weight * terms.dloss_dlogprobs, 0.0)  # padding may be NaN
+        g_entropy = -self.entropy_coef * weight if self.entropy_coef else None
+        return stat_gradient_coefficients(labels, self.ignore_index, entropy, g_lse=-g_logprobs,
+                                          g_target=g_logprobs, g_entropy=g_entropy)
+
+    def result(self):
+        means = self.sums / self.denominator
+        return means[0].clone(), means[1:].clone()  # a custom op's outputs are fresh tensors, not views
+
+
+class _PreferenceHead:
+    """DPO (rl.preference_losses) over sequence log-probs; a chunk is a run of whole pairs. Token rows are
+    [chosen sequences (pairs x chosen_length); rejected sequences (pairs x rejected_length)]."""
+    want_sum, want_entropy = False, False
+
+    def __init__(self, most, labels, ref_chosen, ref_rejected, chosen_length, ignore_index, beta, loss_type,
+                 label_smoothing):
+        pairs = ref_chosen.shape[0]
+        self.lengths = (chosen_length, (labels.shape[0] - pairs * chosen_length) // pairs)
+        self.pair_ranges = _even_ranges(pairs, max(1, most // sum(self.lengths)))
+        rejected_start = pairs * chosen_length
+        chosen_length, rejected_length = self.lengths
+        self.chunks = [((first * chosen_length, last * chosen_length),
+                        (rejected_start + first * rejected_length, rejected_start + last * rejected_length))
+                       for first, last in self.pair_ranges]
+        self.pairs, self.ref_chosen, self.ref_rejected = pairs, ref_chosen, ref_rejected
+        self.ignore_index, self.beta = ignore_index, beta
+        self.preference = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
+        self.total = torch.zeros((), dtype=torch.float32, device=labels.device)
+        self.rewards = torch.empty(2, pairs, dtype=torch.float32, device=labels.device)
+
+    def __call__(self, index, ranges, labels, lse, target, sum_z, entropy):
+        first, last = self.pair_ranges[index]
+        count = last - first
+        chosen_length, rejected_length = self.lengths
+        valid = labels != self.ignore_index
+        logprobs = torch.where(valid, target - lse, 0.0)
+        chosen = logprobs[:count * chosen_length].view(count, chosen_length).sum(1)
+        rejected = logprobs[count * chosen_length:].view(count, rejected_length).sum(1)
+        ref_chosen, ref_rejected = self.ref_chosen[first:last], self.ref_rejected[first:last]
+        losses, dloss_du = rl.preference_losses(chosen, rejected, ref_chosen, ref_rejected, with_derivative=True,
+                                                **self.preference)
+        self.total += losses.sum()
+        self.rewards[0, first:last] = self.beta * (chosen - ref_chosen)
+        self.rewards[1, first:last] = self.beta * (rejected - ref_rejected)
+        per_pair = dloss_du / self.pairs  # u = (chosen - ref) - (rejected - ref): +1 for chosen, -1 for rejected
+        g_logprobs = torch.cat([per_pair.repeat_interleave(chosen_length),
+                                -per_pair.repeat_interleave(rejected_length)])
+        g_logprobs = torch.where(valid, g_logprobs, 0.0)
+        return stat_gradient_coefficients(labels, self.ignore_index, entropy, g_lse=-g_logprobs,
+                                          g_target=g_logprobs)
+
+    def result(self):
+        return self.total / self.pairs, self.rewards.reshape(-1)
+
+
+def _one_pass(backend, projection, head, want_grads):
+    """Run a scalar-loss head over its chunks: (loss, stats, grad_hidden, grad_weight, grad_bias)."""
+    grads = _run_chunks(backend, projection, head.chunks, head, want_sum=head.want_sum,
+                        want_entropy=head.want_entropy, want_grads=want_grads)
+    return (*head.result(), *grads)
+
+
+def _one_pass_fake(hidden, weight, bias, want_grads, n_stats):
+    return (hidden.new_empty((), dtype=torch.float32), hidden.new_empty((n_stats,), dtype=torch.float32),
+            *_gradient_fakes(hidden, weight, bias, want_grads))
+
+
+def _one_pass_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[2:])
+
+
+def _one_pass_grad(ctx, grad_loss, *unused):
+    """The gradients were computed in the forward for a loss of 1: scale them by the incoming gradient."""
+    scaled = tuple(grad_loss * grad if needed else None
+                   for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:3]))
+    return scaled + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
+@torch.library.custom_op("fastllm::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          labels: torch.Tensor, ignore_index: int, label_smoothing: float, mean: bool,
+                          chunk_size: int, want_grads: list[bool], backend: str
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    vocab = weight.shape[0]
+    check_label_range(labels, vocab, ignore_index)
+    head = _CrossEntropyHead(hidden.shape[0], chunk_size, labels, ignore_index, label_smoothing, vocab, mean)
+    return _one_pass(backend, _Projection(hidden, weight, bias, labels, 1.0, ignore_index), head, want_grads)
+
+
+@_linear_cross_entropy.register_fake
+def _(hidden, weight, bias, labels, ignore_index, label_smoothing, mean, chunk_size, want_grads, backend):
+    return _one_pass_fake(hidden, weight, bias, want_grads, 0)
+
+
+@torch.library.custom_op("fastllm::linear_ppo_loss", mutates_args=())
+def _linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                     old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                     ref_logprobs: Optional[torch.Tensor], inv_temperature: float, ignore_index: int, clip_low: float,
+                     clip_high: float, dual_clip: Optional[float], kl_coef: float, entropy_coef: float,
+                     chunk_size: int, want_grads: list[bool], backend: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_label_range(labels, weight.shape[0], ignore_index)
+    head = _PolicyHead(hidden.shape[0], chunk_size, labels, old_logprobs, advantages, mask, ref_logprobs,
+                       ignore_index, clip_low, clip_high, dual_clip, kl_coef, entropy_coef)
+    projection = _Projection(hidden, weight, bias, labels, inv_temperature, ignore_index)
+    return _one_pass(backend, projection, head, want_grads)
+
+
+@_linear_ppo_loss.register_fake
+def _(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, inv_temperature, ignore_index,
+      clip_low, clip_high, dual_clip, kl_coef, entropy_coef, chunk_size, want_grads, backend):
+    return _one_pass_fake(hidden, weight, bias, want_grads, _PolicyHead.n_sums - 1)
+
+
+@torch.library.custom_op("fastllm::linear_dpo_loss", mutates_args=())
+def _linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
+                     ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, chosen_length: int,
+                     beta: float, loss_type: str, label_smoothing: float, ignore_index: int, chunk_size: int,
+                     want_grads: list[bool], backend: str
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_label_range(labels, weight.shape[0], ignore_index)
+    head = _PreferenceHead(chunk_size, labels, ref_chosen_logps, ref_rejected_logps, chosen_length, ignore_index,
+                           beta, loss_type, label_smoothing)
+    return _one_pass(backend, _Projection(hidden, weight, bias, labels, 1.0, ignore_index), head, want_grads)
+
+
+@_linear_dpo_loss.register_fake
+def _(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, chosen_length, beta, loss_type,
+      label_smoothing, ignore_index, chunk_size, want_grads, backend):
+    return _one_pass_fake(hidden, weight, bias, want_grads, 2 * ref_chosen_logps.shape[0])
+
+
+for _op in (_linear_cross_entropy, _linear_ppo_loss, _linear_dpo_loss):
+    _op.register_autograd(_one_pass_grad, setup_context=_one_pass_setup)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------
+def _check_labels(name, labels, shape):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must have an integer dtype, got {str(labels.dtype).removeprefix('torch.')}")
+    if labels.shape != shape:
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the hidden states' shape without their last "
+                         f"dimension), got {tuple(labels.shape)}")
+
+
+def _check_projection(hidden, weight, bias, chunk_size, hidden_name="hidden"):
+    check_tensor(hidden_name, hidden, min_dim=1)
+    check_tensor("weight", weight)
+    if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (vocab >= 1, {hidden.shape[-1]}) to project {hidden_name} of "
+                         f"shape {tuple(hidden.shape)}, got {tuple(weight.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have {hidden_name}'s dtype {str(hidden.dtype).removeprefix('torch.')}, "
+                            f"got {str(t.dtype).removeprefix('torch.')}")
+    if bias is not None:
+        check_tensor("bias", bias)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape ({weight.shape[0]},) (weight's vocabulary), "
+                             f"got {tuple(bias.shape)}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int (token rows per chunk) or None, got {chunk_size!r}")
+
+
+def _check_per_token(labels, **tensors):
+    for name, t in tensors.items():
+        if t is not None:
+            check_tensor(name, t)
+            if t.shape != labels.shape:
+                raise ValueError(f"{name} must have the labels' shape {tuple(labels.shape)}, got {tuple(t.shape)}")
+
+
+def _fp32_rows(t):
+    return None if t is None else t.detach().reshape(-1).to(torch.float32).contiguous()
+
+
+def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None, *, temperature: float = 1.0, ignore_index: int = -100,
+                          return_entropy: bool = False, chunk_size: Optional[int] = None):
+    """log softmax((hidden @ weight.T + bias) / temperature)[label] per token, without the logits.
+
+    hidden: (..., H) float; weight: (V, H) and bias: (V,) in hidden's dtype; labels: (...) integer in [0, V) or
+    ignore_index. Returns fp32 (...) log-probs (0 and no gradient where ignored), and with return_entropy also
+    the fp32 (...) entropy of each token's distribution. Gradients flow to hidden, weight and bias; the backward
+    recomputes each chunk's logits (see the module docstring). chunk_size: token rows per chunk (default: a
+    chunk of logits of at most CHUNK_BYTES).
+    """
+    _check_projection(hidden, weight, bias, chunk_size)
+    _check_labels("labels", labels, hidden.shape[:-1])
+    check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    check_positive("temperature", temperature)
+    backend = resolve(hidden)
+    if backend == "torch":
+        return reference.linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index, return_entropy)
+    rows, flat_labels = _flatten(hidden, labels)
+    lse, target, _, entropy = _linear_logit_stats(rows, weight, bias, flat_labels, 1.0 / temperature, ignore_index,
+                                                  False, return_entropy,
+                                                  chunk_rows(weight.shape[0], hidden.dtype, chunk_size), backend)
+    logprobs = torch.where(flat_labels != ignore_index, target - lse, 0.0).reshape(labels.shape)
+    return (logprobs, entropy.reshape(labels.shape)) if return_entropy else logprobs
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, *, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, chunk_size: Optional[int] = None) -> torch.Tensor:
+    """F.cross_entropy(hidden @ weight.T + bias, labels) without the logits, for SFT and pretraining.
+
+    Shapes as in linear_token_logprobs. The loss is fp32: a scalar for "mean" (over non-ignored tokens; NaN if
+    all are ignored, as in PyTorch) and "sum", computed with its gradient in one pass; (...) for "none" (0 at
+    ignored tokens), whose backward recomputes the logits. label_smoothing mixes in the uniform distribution.
+    """
+    _check_projection(hidden, weight, bias, chunk_size)
+    _check_labels("labels", labels, hidden.shape[:-1])
+    check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    backend = resolve(hidden)
+    if backend == "torch":
+        return reference.linear_cross_entropy(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing)
+    rows, flat_labels = _flatten(hidden, labels)
+    most = chunk_rows(weight.shape[0], hidden.dtype, chunk_size)
+    if reduction == "none":
+        smoothing = label_smoothing > 0
+        lse, target, sum_z, _ = _linear_logit_stats(rows, weight, bias, flat_labels, 1.0, ignore_index, smoothing,
+                                                    False, most, backend)
+        loss = _cross_entropy_rows(lse, target, sum_z, label_smoothing, weight.shape[0])
+        return torch.where(flat_labels != ignore_index, loss, 0.0).reshape(labels.shape)
+    loss, *_ = _linear_cross_entropy(rows, weight, bias, flat_labels, ignore_index, float(label_smoothing),
+                                     reduction == "mean", most, _wanted_grads(hidden, weight, bias), backend)
+    return loss
+
+
+def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, old_logprobs: torch.Tensor,
+                    advantages: torch.Tensor, mask: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+                    ref_logprobs: Optional[torch.Tensor] = None, kl_coef: float = 0.0, entropy_coef: float = 0.0,
+                    clip_eps: float = 0.2, clip_eps_high: Optional[float] = None, dual_clip: Optional[float] = None,
+                    temperature: float = 1.0, ignore_index: int = -100,
+                    chunk_size: Optional[int] = None) -> rl.PolicyLoss:
+    """rl.ppo_policy_loss of the policy's log-probs of `labels`, computed from hidden states in one chunked pass.
+
+    hidden (..., H), weight (V, H), bias (V,): the policy head; labels (...) the sampled tokens;
+    old_logprobs, advantages, ref_logprobs (...) float; mask (...) bool or 0/1 float (tokens whose label is
+    ignore_index are masked too). Adds -entropy_coef * entropy and kl_coef * k3 KL to ref_logprobs per token;
+    log-probs and entropy are of softmax(logits / temperature). Returns rl.PolicyLoss with every statistic
+    (entropy always; ref_kl when ref_logprobs is given). Gradients flow to hidden, weight and bias.
+    """
+    _check_projection(hidden, weight, bias, chunk_size)
+    _check_labels("labels", labels, hidden.shape[:-1])
+    _check_per_token(labels, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
+    rl.check_mask(mask, labels, "labels")
+    check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels, old_logprobs=old_logprobs,
+                      advantages=advantages, mask=mask, ref_logprobs=ref_logprobs)
+    rl.check_policy_args(clip_eps, clip_eps_high, dual_clip, kl_coef, entropy_coef, ref_logprobs is not None)
+    check_positive("temperature", temperature)
+    backend = resolve(hidden)
+    if backend == "torch":
+        return reference.linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, bias, ref_logprobs,
+                                         kl_coef, entropy_coef, clip_eps, clip_eps_high, dual_clip, temperature,
+                                         ignore_index)
+    rows, flat_labels = _flatten(hidden, labels)
+    loss, stats, *_ = _linear_ppo_loss(
+        rows, weight, bias, flat_labels, _fp32_rows(old_logprobs), _fp32_rows(advantages), _fp32_rows(mask),
+        _fp32_rows(ref_logprobs), 1.0 / temperature, ignore_index, float(clip_eps),
+        float(clip_eps if clip_eps_high is None else clip_eps_high), None if dual_clip is None else float(dual_clip),
+        float(kl_coef), float(entropy_coef), chunk_rows(weight.shape[0], hidden.dtype, chunk_size),
+        _wanted_grads(hidden, weight, bias), backend)
+    clip_fraction, approx_kl, ratio_mean, entropy, ref_kl = stats.unbind(0)
+    return rl.PolicyLoss(loss, clip_fraction, approx_kl, ratio_mean, entropy,
+                         ref_kl if ref_logprobs is not None else None)
+
+
+def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, weight: torch.Tensor,
+                    chosen_labels: torch.Tensor, rejected_labels: torch.Tensor, ref_chosen_logps: torch.Tensor,
+                    ref_rejected_logps: torch.Tensor, bias: Optional[torch.Tensor] = None, *, beta: float = 0.1,
+                    loss_type: str = "sigmoid", label_smoothing: float = 0.0, ignore_index: int = -100,
+                    chunk_size: Optional[int] = None) -> rl.PreferenceLoss:
+    """rl.dpo_loss with the policy's sequence log-probs computed from hidden states in one chunked pass.
+
+    chosen_hidden (B, Lc, H) and rejected_hidden (B, Lr, H): the policy's last hidden states of each pair;
+    chosen_labels (B, Lc), rejected_labels (B, Lr): next tokens, ignore_index on prompt and padding (a
+    sequence's log-prob is the sum over its other tokens); ref_*_logps (B,): the reference model's sequence
+    log-probs. A chunk is a run of whole pairs (chunk_size: token rows, rounded down to whole pairs, at least
+    one). Returns rl.PreferenceLoss; gradients flow to both hidden tensors, weight and bias.
+    """
+    _check_projection(chosen_hidden, weight, bias, chunk_size, "chosen_hidden")
+    _check_projection(rejected_hidden, weight, bias, chunk_size, "rejected_hidden")
+    for name, hidden in (("chosen_hidden", chosen_hidden), ("rejected_hidden", rejected_hidden)):
+        if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[1] == 0:
+            raise ValueError(f"{name} must be 3-D (pairs >= 1, tokens >= 1, hidden), got {tuple(hidden.shape)}")
+    if rejected_hidden.shape[0] != chosen_hidden.shape[0]:
+        raise ValueError(f"rejected_hidden must hold as many pairs as chosen_hidden ({chosen_hidden.shape[0]}), "
+                         f"got {rejected_hidden.shape[0]}")
+    _check_labels("chosen_labels", chosen_labels, chosen_hidden.shape[:-1])
+    _check_labels("rejected_labels", rejected_labels, rejected_hidden.shape[:-1])
+    pairs = chosen_hidden.shape[0]
+    for name, t in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        check_tensor(name, t)
+        if t.shape != (pairs,):
+            raise ValueError(f"{name} must have shape ({pairs},) (one log-prob per pair), got {tuple(t.shape)}")
+    check_same_device(chosen_hidden=chosen_hidden, rejected_hidden=rejected_hidden, weight=weight, bias=bias,
+                      chosen_labels=chosen_labels, rejected_labels=rejected_labels, ref_chosen_logps=ref_chosen_logps,
+                      ref_rejected_logps=ref_rejected_logps)
+    rl.check_preference_args(beta, loss_type, label_smoothing)
+    backend = resolve(chosen_hidden)
+    if backend == "torch":
+        return reference.linear_dpo_loss(chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
+                                         ref_chosen_logps, ref_rejected_logps, bias, beta, loss_type,
+                                         label_smoothing, ignore_index)
+    # One (N, H) matrix of both halves: a chunk's rows from each become one matmul. The copy is hidden-sized;
+    # autograd's cat backward splits the gradient back.
+    chosen_rows, chosen_flat = _flatten(chosen_hidden, chosen_labels)
+    rejected_rows, rejected_flat = _flatten(rejected_hidden, rejected_labels)
+    hidden, labels = torch.cat([chosen_rows, rejected_rows]), torch.cat([chosen_flat, rejected_flat])
+    want_grads = _wanted_grads(chosen_hidden, weight, bias)
+    want_grads[0] = want_grads[0] or (torch.is_grad_enabled() and rejected_hidden.requires_grad)
+    loss, rewards, *_ = _linear_dpo_loss(
+        hidden, weight, bias, labels, _fp32_rows(ref_chosen_logps), _fp32_rows(ref_rejected_logps),
+        chosen_hidden.shape[1], float(beta), loss_type, float(label_smoothing), ignore_index,
+        chunk_rows(weight.shape[0], hidden.dtype, chunk_size), want_grads, backend)
+    return rl.PreferenceLoss(loss, rewards[:pairs], rewards[pairs:])
