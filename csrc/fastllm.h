@@ -14,14 +14,16 @@ namespace fastllm {
 torch::Tensor softmax_forward(const torch::Tensor& x, bool log);
 torch::Tensor softmax_backward(const torch::Tensor& dy, const torch::Tensor& y, bool log);
 
-// Row statistics of z = x * inv_temperature: (lse, target, sum_z, entropy), all fp32 of shape (rows,).
-// target is z[label] (0 where label == ignore_index); sum_z and entropy are empty unless asked for.
+// Row statistics of z = x * inv_temperature: (lse, target, sum_z, entropy) of shape (rows,), lse in fp64 (so
+// that z - lse keeps its low bits when |lse| is large, see the backward), the others fp32. target is z[label]
+// (0 where label == ignore_index); sum_z and entropy are empty unless asked for.
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> logit_stats_forward(
     const torch::Tensor& x, const std::optional<torch::Tensor>& labels, double inv_temperature,
     int64_t ignore_index, bool want_sum, bool want_entropy);
 
-// dx = inv_temperature * (p * (a + b * (z - lse)) + c * onehot(label) + d), p = exp(z - lse); per-row fp32
-// coefficients, b/c/d optional (absent = 0). Labels outside [0, cols) get no one-hot term.
+// dx = inv_temperature * (p * (a + b * (z - lse)) + c * onehot(label) + d), p = exp(z - lse); lse fp64 from
+// the forward, per-row fp32 coefficients, b/c/d optional (absent = 0). Labels outside [0, cols) get no one-hot
+// term.
 torch::Tensor logit_stats_backward(
     const torch::Tensor& x, const std::optional<torch::Tensor>& labels, const torch::Tensor& lse,
     const torch::Tensor& a, const std::optional<torch::Tensor>& b, const std::optional<torch::Tensor>& c,
@@ -53,7 +55,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_backward(
 // every sequence has max_seqlen_q queries and max_seqlen_k keys. Queries are aligned to the end of their keys:
 // query i of a sequence sees key j iff i + len_k - len_q - window_left <= j <= i + len_k - len_q + window_right,
 // a bound of -1 being absent (causal: window_right = 0). Returns (out like q, lse of shape (heads_q, total_q)
-// in float32, float64 for float64 input); a row that sees no key gets out = 0 and lse = -inf.
+// in float64 for every input dtype, for the backward's accuracy); a row that sees no key gets out = 0 and
+// lse = -inf.
 std::tuple<torch::Tensor, torch::Tensor> attention_forward(
     const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
     const std::optional<torch::Tensor>& cu_seqlens_q, const std::optional<torch::Tensor>& cu_seqlens_k,

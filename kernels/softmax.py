@@ -161,7 +161,7 @@ def _softmax_backward_kernel(
 def _logit_stats_forward_kernel(
     x_ptr,  # (rows, n_cols) logits
     labels_ptr,  # (rows,) int64 target indices; unused unless HAS_LABELS
-    lse_ptr,  # (rows,) fp32 out: logsumexp(z)
+    lse_ptr,  # (rows,) fp64 out: logsumexp(z), fp64 so the backward's z - lse keeps its low bits
     target_ptr,  # (rows,) fp32 out: z[label], 0 for ignored rows or without labels
     sum_z_ptr,  # (rows,) fp32 out: sum(z); unused unless WANT_SUM
     entropy_ptr,  # (rows,) fp32 out: lse - sum(p * z); unused unless WANT_ENTROPY
@@ -178,7 +178,7 @@ def _logit_stats_forward_kernel(
     shift, sum_exp, sum_z, sum_exp_dz = _online_row_stats(
         x_row, n_cols, inv_temperature, BLOCK, WANT_SUM, WANT_ENTROPY)
     log_sum_exp = tl.log(sum_exp)
-    tl.store(lse_ptr + row, shift + log_sum_exp)
+    tl.store(lse_ptr + row, shift.to(tl.float64) + log_sum_exp.to(tl.float64))
     target = 0.0
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
@@ -198,7 +198,7 @@ def _logit_stats_forward_kernel(
 def _logit_stats_backward_kernel(
     x_ptr,  # (rows, n_cols) logits
     labels_ptr,  # (rows,) int64 target indices; unused unless HAS_C
-    lse_ptr,  # (rows,) fp32 logsumexp(z) from the forward
+    lse_ptr,  # (rows,) fp64 logsumexp(z) from the forward
     a_ptr,  # (rows,) fp32 coefficient of p
     b_ptr,  # (rows,) fp32 coefficient of p * log(p); unused unless HAS_B
     c_ptr,  # (rows,) fp32 coefficient of onehot(label); unused unless HAS_C
@@ -217,7 +217,11 @@ def _logit_stats_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * n_cols
     dx_row = dx_ptr + row * n_cols
+    # log p = (z - lse_hi) - lse_lo: z - lse_hi is exact where p matters (z within 2x of lse), so log p keeps
+    # fp32's relative accuracy when |lse| >> |log p|; z - fp32(lse) would err by ulp(lse), 1e-3 at 1e4.
     lse = tl.load(lse_ptr + row)
+    lse_hi = lse.to(tl.float32)
+    lse_lo = (lse - lse_hi.to(tl.float64)).to(tl.float32)
     a = tl.load(a_ptr + row)
     if HAS_B:
         b = tl.load(b_ptr + row)
@@ -231,7 +235,7 @@ def _logit_stats_backward_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         in_row = cols < n_cols
-        log_p = tl.load(x_row + cols, mask=in_row, other=0.0).to(tl.float32) * inv_temperature - lse
+        log_p = (tl.load(x_row + cols, mask=in_row, other=0.0).to(tl.float32) * inv_temperature - lse_hi) - lse_lo
         p = tl.exp(log_p)
         grad = p * a
         if HAS_B:
@@ -308,10 +312,10 @@ def softmax_backward(dy, y, log):
 def logit_stats_forward(x, labels, inv_temperature, ignore_index, want_sum, want_entropy):
     """Row statistics of z = x * inv_temperature (fp32), one read of the logits.
 
-    x: (rows, cols) logits; labels: (rows,) int64 or None. Returns fp32 (rows,) tensors
-    (lse, target, sum_z, entropy): lse = logsumexp(z); target = z[label], 0 where label == ignore_index
-    (all 0 without labels); sum_z = sum(z); entropy = lse - sum(p * z), p = softmax(z). sum_z and entropy
-    are empty tensors unless asked for. A label that is neither ignore_index nor in [0, cols) raises
+    x: (rows, cols) logits; labels: (rows,) int64 or None. Returns (rows,) tensors (lse, target, sum_z,
+    entropy), lse fp64 and the rest fp32: lse = logsumexp(z); target = z[label], 0 where label ==
+    ignore_index (all 0 without labels); sum_z = sum(z); entropy = lse - sum(p * z), p = softmax(z). sum_z
+    and entropy are empty tensors unless asked for. A label that is neither ignore_index nor in [0, cols) raises
     ValueError.
     """
     _check_rows("x", x)
@@ -319,7 +323,7 @@ def logit_stats_forward(x, labels, inv_temperature, ignore_index, want_sum, want
     if labels is not None:
         labels = _checked_labels(labels, rows, cols, ignore_index)
     stat = dict(dtype=torch.float32, device=x.device)
-    lse = torch.empty(rows, **stat)
+    lse = torch.empty(rows, dtype=torch.float64, device=x.device)
     target = torch.empty(rows, **stat)
     sum_z = torch.empty(rows if want_sum else 0, **stat)
     entropy = torch.empty(rows if want_entropy else 0, **stat)
@@ -335,7 +339,8 @@ def logit_stats_forward(x, labels, inv_temperature, ignore_index, want_sum, want
 
 def logit_stats_backward(x, labels, lse, a, b, c, d, inv_temperature):
     """dx = inv_temperature * (p * (a + b * (z - lse)) + c * onehot(label) + d), with z = x * inv_temperature
-    and p = exp(z - lse), so z - lse = log p; a, b, c, d are fp32 (rows,) coefficients, b/c/d None meaning 0.
+    and p = exp(z - lse), so z - lse = log p; lse is the forward's fp64 (rows,), a, b, c, d are fp32 (rows,)
+    coefficients, b/c/d None meaning 0.
 
     Covers the gradient of every loss built on logit_stats_forward (cross-entropy, z-loss, entropy bonus).
     Labels outside [0, cols) (ignore_index) get no one-hot term, and neither does anything without labels.
@@ -343,8 +348,9 @@ def logit_stats_backward(x, labels, lse, a, b, c, d, inv_temperature):
     """
     _check_rows("x", x)
     rows, cols = x.shape
-    lse, a, b, c, d = (t if t is None else _row_vector(name, t, rows, torch.float32)
-                       for name, t in (("lse", lse), ("a", a), ("b", b), ("c", c), ("d", d)))
+    lse = _row_vector("lse", lse, rows, torch.float64)
+    a, b, c, d = (t if t is None else _row_vector(name, t, rows, torch.float32)
+                  for name, t in (("a", a), ("b", b), ("c", c), ("d", d)))
     has_c = c is not None and labels is not None
     if has_c:
         labels = _row_vector("labels", labels, rows, torch.int64)
@@ -388,11 +394,11 @@ def aot_specs():
         return ((_softmax_forward_kernel, forward), (_softmax_backward_kernel, backward))
 
     def stats_signatures(dt):
-        forward = {"x_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "target_ptr": "*fp32",
+        forward = {"x_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": "*fp64", "target_ptr": "*fp32",
                    "sum_z_ptr": "*fp32", "entropy_ptr": "*fp32", "n_cols": "i32", "inv_temperature": "fp32",
                    "ignore_index": "i32", "BLOCK": "constexpr", "HAS_LABELS": "constexpr",
                    "WANT_SUM": "constexpr", "WANT_ENTROPY": "constexpr"}
-        backward = {"x_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": "*fp32", "a_ptr": "*fp32",
+        backward = {"x_ptr": f"*{dt}", "labels_ptr": "*i64", "lse_ptr": "*fp64", "a_ptr": "*fp32",
                     "b_ptr": "*fp32", "c_ptr": "*fp32", "d_ptr": "*fp32", "dx_ptr": f"*{dt}", "n_cols": "i32",
                     "inv_temperature": "fp32", "BLOCK": "constexpr", "HAS_B": "constexpr", "HAS_C": "constexpr",
                     "HAS_D": "constexpr"}

@@ -60,6 +60,10 @@ constexpr int64_t kBlockK = 64;
 // Head dims and key tiles are padded with zeros to a multiple of this: whole fp32 (and fp64) vectors, so
 // the GEMM and softmax loops have no ragged tails.
 constexpr int64_t kPad = 16;
+// The tile GEMMs sum their depth in blocks of this many terms, each block from 0, then add the blocks: one
+// chain of fmas over a head dim of 256 made the scores 6x less accurate than PyTorch's sgemm (4.9e-5 vs
+// 8.2e-6 at q, k ~ N(0, 1)) and the fp32 outputs 2.5x; blocks cost one load/add/store of C per 32 fmas.
+constexpr int64_t kDepthBlock = 32;
 // The backward splits each sequence's keys into chunks until batch x kv heads x chunks reaches this, so a
 // single sequence with one kv head still keeps every core busy. It depends on the shapes only, never on the
 // thread count, so the summation order (and the bits of dQ) does not change from machine to machine.
@@ -85,20 +89,29 @@ void gemm_micro_tile(int64_t depth, const acc_t* a, int64_t lda, const acc_t* b,
                      int64_t ldc, bool accumulate) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t kWidth = Vec::size();
-  Vec acc[kRows][kCols];
-  for (int r = 0; r < kRows; ++r) {
-    for (int j = 0; j < kCols; ++j) acc[r][j] = accumulate ? Vec::loadu(c + r * ldc + j * kWidth) : Vec(acc_t(0));
-  }
-  for (int64_t k = 0; k < depth; ++k) {
-    Vec b_row[kCols];
-    for (int j = 0; j < kCols; ++j) b_row[j] = Vec::loadu(b + k * ldb + j * kWidth);
+  // Depth in blocks of kDepthBlock (see there), each summed from 0 in registers and then added to C.
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(depth, 1); k0 += kDepthBlock) {
+    const bool first = k0 == 0;
+    Vec acc[kRows][kCols];
     for (int r = 0; r < kRows; ++r) {
-      const Vec a_rk(kTransA ? a[k * lda + r] : a[r * lda + k]);
-      for (int j = 0; j < kCols; ++j) acc[r][j] = at::vec::fmadd(a_rk, b_row[j], acc[r][j]);
+      for (int j = 0; j < kCols; ++j) {
+        acc[r][j] = first && accumulate ? Vec::loadu(c + r * ldc + j * kWidth) : Vec(acc_t(0));
+      }
     }
-  }
-  for (int r = 0; r < kRows; ++r) {
-    for (int j = 0; j < kCols; ++j) acc[r][j].store(c + r * ldc + j * kWidth);
+    for (int64_t k = k0; k < std::min(depth, k0 + kDepthBlock); ++k) {
+      Vec b_row[kCols];
+      for (int j = 0; j < kCols; ++j) b_row[j] = Vec::loadu(b + k * ldb + j * kWidth);
+      for (int r = 0; r < kRows; ++r) {
+        const Vec a_rk(kTransA ? a[k * lda + r] : a[r * lda + k]);
+        for (int j = 0; j < kCols; ++j) acc[r][j] = at::vec::fmadd(a_rk, b_row[j], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      for (int j = 0; j < kCols; ++j) {
+        acc_t* out = c + r * ldc + j * kWidth;
+        (first ? acc[r][j] : Vec::loadu(out) + acc[r][j]).store(out);
+      }
+    }
   }
 }
 
@@ -421,11 +434,11 @@ inline void online_softmax_column(acc_t* st, int64_t cols, acc_t* ot, int64_t pa
   const Vec neg_shift = zero - shift;
   Vec sum = zero;
   for (int64_t r = 0; r < cols; ++r) {
-    const Vec p = at::vec::fmadd(Vec::loadu(st + r * kBlockQ), scale_vec, neg_shift).exp_u20();
+    const Vec p = vec_exp(at::vec::fmadd(Vec::loadu(st + r * kBlockQ), scale_vec, neg_shift));
     p.store(st + r * kBlockQ);
     sum = sum + p;
   }
-  const Vec rescale = (old_max - shift).exp_u20();
+  const Vec rescale = vec_exp(old_max - shift);
   at::vec::fmadd(Vec::loadu(l), rescale, sum).store(l);
   new_max.store(m);
   for (int64_t d = 0; d < padded_dim; ++d) (Vec::loadu(ot + d * kBlockQ) * rescale).store(ot + d * kBlockQ);
@@ -434,7 +447,7 @@ inline void online_softmax_column(acc_t* st, int64_t cols, acc_t* ot, int64_t pa
 template <typename scalar_t>
 void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const Shape& shape,
                               const std::vector<Sequence>& seqs, double softmax_scale, scalar_t* out,
-                              at::opmath_type<scalar_t>* lse) {
+                              double* lse) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t heads_q = shape.heads_q, heads_kv = shape.heads_kv, dim = shape.head_dim, pdim = shape.padded_dim;
@@ -513,7 +526,9 @@ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar
           // l = 0: the row saw no key (output 0, lse -inf); a NaN max: a NaN score (outputs NaN).
           const acc_t factor = std::isnan(m) ? m : l > 0 ? acc_t(1) / l : acc_t(0);
           store_row(ws.out_row.data(), dim, factor, out + (token * heads_q + task.head) * dim);
-          lse[task.head * total_q + token] = std::isnan(m) || l > 0 ? m + std::log(l) : -kInf<acc_t>;
+          // In double: the backward splits lse into an acc_t high part and the remainder (see there).
+          lse[task.head * total_q + token] =
+              std::isnan(m) || l > 0 ? static_cast<double>(m) + std::log(static_cast<double>(l)) : -kInf<double>;
         }
       });
 }
@@ -530,11 +545,12 @@ struct BackwardWorkspace {
   // Key side (one key tile): K, K^T, V^T and the dK, dV accumulators. Query side (one query tile): Q, dO,
   // P and dS, lse and Delta.
   // Each tile GEMM's product lands in `product`, and is added from there into the double dK, dV sums.
-  std::vector<acc_t> k, kt, vt, q, dout, p, ds, lse, delta, product;
+  std::vector<acc_t> k, kt, vt, q, dout, p, ds, lse, lse_low, delta, product;
   std::vector<double> dk, dv;
   explicit BackwardWorkspace(int64_t padded_dim)
       : k(kBlockK * padded_dim), kt(padded_dim * kBlockK), vt(padded_dim * kBlockK), q(kBlockQ * padded_dim),
-        dout(kBlockQ * padded_dim), p(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), lse(kBlockQ), delta(kBlockQ),
+        dout(kBlockQ * padded_dim), p(kBlockQ * kBlockK), ds(kBlockQ * kBlockK), lse(kBlockQ), lse_low(kBlockQ),
+        delta(kBlockQ),
         product(std::max(kBlockQ, kBlockK) * padded_dim), dk(kBlockK * padded_dim), dv(kBlockK * padded_dim) {}
 };
 
@@ -558,8 +574,7 @@ inline std::pair<int64_t, int64_t> chunk_tiles(int64_t tiles, int64_t chunks, in
 
 template <typename scalar_t>
 void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                               const scalar_t* out, const at::opmath_type<scalar_t>* lse,
-                               const at::opmath_type<scalar_t>* dlse, const Shape& shape,
+                               const scalar_t* out, const double* lse, const double* dlse, const Shape& shape,
                                const std::vector<Sequence>& seqs, double softmax_scale, scalar_t* dq, scalar_t* dk,
                                scalar_t* dv) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -568,9 +583,9 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
   const int64_t total_q = seqs.empty() ? 0 : seqs.back().q_start + seqs.back().q_len;
   const acc_t scale = static_cast<acc_t>(softmax_scale);
 
-  // Delta = rowsum(dO * out) - dlse, laid out as lse: (heads_q, total_q). The dot is the same chain of fused
-  // multiply-adds, in the same order, as each entry of the dP tile (gemm_micro_tile), so that a row whose
-  // probability sits on one key (P = 1 and out = V_j exactly: the first row of every causal mask) gets
+  // Delta = rowsum(dO * out) - dlse, laid out as lse: (heads_q, total_q). The dot is the same fused
+  // multiply-adds, in the same order and depth blocks, as each entry of the dP tile (gemm_micro_tile), so that
+  // a row whose probability sits on one key (P = 1 and out = V_j exactly: the first row of every causal mask) gets
   // dP - Delta = 0 exactly, as in PyTorch's softmax backward, rather than the rounding noise of two
   // differently summed dots (which was 15x PyTorch's error in dQ at head dim 59).
   std::vector<acc_t> delta(heads_q * total_q);
@@ -580,10 +595,14 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
         const scalar_t* dout_row = dout + (t * heads_q + h) * dim;
         const scalar_t* out_row = out + (t * heads_q + h) * dim;
         acc_t dot = 0;
-        for (int64_t d = 0; d < dim; ++d) {
-          dot = std::fma(static_cast<acc_t>(dout_row[d]), static_cast<acc_t>(out_row[d]), dot);
+        for (int64_t d0 = 0; d0 < dim; d0 += kDepthBlock) {
+          acc_t partial = 0;
+          for (int64_t d = d0; d < std::min(dim, d0 + kDepthBlock); ++d) {
+            partial = std::fma(static_cast<acc_t>(dout_row[d]), static_cast<acc_t>(out_row[d]), partial);
+          }
+          dot = d0 == 0 ? partial : dot + partial;
         }
-        delta[h * total_q + t] = dot - (dlse != nullptr ? dlse[h * total_q + t] : acc_t(0));
+        delta[h * total_q + t] = dot - (dlse != nullptr ? static_cast<acc_t>(dlse[h * total_q + t]) : acc_t(0));
       }
     }
   });
@@ -636,9 +655,14 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
               load_rows(q + (token * heads_q + h) * dim, q_stride, rows, dim, ws.q.data(), pdim);
               load_rows(dout + (token * heads_q + h) * dim, q_stride, rows, dim, ws.dout.data(), pdim);
               for (int64_t r = 0; r < rows; ++r) {
-                const acc_t row_lse = lse[h * total_q + token + r];
+                // P = exp((scale S - hi) - lo) with lse = hi + lo: the first difference is exact where P matters,
+                // so P keeps acc_t's relative accuracy; exp(scale S - fp32(lse)) errs by ulp(lse) / 2 (4.8e-7 at
+                // lse = 12), which put the fp32 gradients at 3x PyTorch's error (head dim 256).
+                const double row_lse = lse[h * total_q + token + r];
+                const acc_t high = static_cast<acc_t>(row_lse);
                 // A row that sees no key has lse = -inf; +inf makes its P exactly 0.
-                ws.lse[r] = row_lse == -kInf<acc_t> ? kInf<acc_t> : row_lse;
+                ws.lse[r] = row_lse == -kInf<double> ? kInf<acc_t> : high;
+                ws.lse_low[r] = std::isfinite(row_lse) ? static_cast<acc_t>(row_lse - high) : acc_t(0);
                 ws.delta[r] = delta[h * total_q + token + r];
               }
               // P = exp(scale S - lse), 0 for unseen keys and the padding.
@@ -652,9 +676,9 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
               for (int64_t r = 0; r < rows; ++r) {
                 acc_t* p_row = ws.p.data() + r * kBlockK;
                 acc_t* ds_row = ws.ds.data() + r * kBlockK;
-                const Vec neg_lse(-ws.lse[r]), row_delta(ws.delta[r]);
+                const Vec neg_lse(-ws.lse[r]), lse_low(ws.lse_low[r]), row_delta(ws.delta[r]);
                 for (int64_t c = 0; c < padded_cols; c += Vec::size()) {
-                  const Vec p = vec_exp(at::vec::fmadd(Vec::loadu(p_row + c), scale_vec, neg_lse));
+                  const Vec p = vec_exp(at::vec::fmadd(Vec::loadu(p_row + c), scale_vec, neg_lse) - lse_low);
                   p.store(p_row + c);
                   (p * (Vec::loadu(ds_row + c) - row_delta)).store(ds_row + c);
                 }
@@ -723,9 +747,8 @@ void check_softmax_scale(const char* op, double softmax_scale) {
               ": softmax_scale must be a positive finite number, got ", softmax_scale);
 }
 
-torch::ScalarType lse_dtype(const torch::Tensor& q) {
-  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+// The saved lse is double for every input dtype, so the backward can recompute P to acc_t accuracy.
+torch::ScalarType lse_dtype(const torch::Tensor&) { return at::kDouble; }
 
 }  // namespace
 
@@ -745,7 +768,7 @@ std::tuple<torch::Tensor, torch::Tensor> attention_forward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
     attention_forward_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shape,
                                        seqs, softmax_scale, out.data_ptr<scalar_t>(),
-                                       lse.data_ptr<at::opmath_type<scalar_t>>());
+                                       lse.data_ptr<double>());
   });
   return {out, lse};
 }
@@ -784,10 +807,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_backward(
     return {dq, dk, dv};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     attention_backward_kernel<scalar_t>(dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                        v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
-                                        dlse ? dlse->data_ptr<acc_t>() : nullptr, shape, seqs, softmax_scale,
+                                        v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<double>(),
+                                        dlse ? dlse->data_ptr<double>() : nullptr, shape, seqs, softmax_scale,
                                         dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());
   });
   return {dq, dk, dv};

@@ -74,6 +74,13 @@ inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& v) {
   return at::vec::maximum(v.exp_u20(), v);
 }
 
+// Sleef's 1-ulp exp, for values written out one per element (the gradient's p): there exp_u20's error is
+// not averaged away by a sum (the entropy gradient was 5x PyTorch's error with it).
+template <typename acc_t>
+inline Vectorized<acc_t> vec_exp_accurate(const Vectorized<acc_t>& v) {
+  return v.exp();
+}
+
 // ---- staging: memory <-> L1 buffer in the accumulation type ----
 
 // x[0, n) in the accumulation type followed by `pad` up to a whole vector: x itself when it already is
@@ -227,7 +234,9 @@ struct OnlineSoftmax {
     for (int k = 0; k < kChains; ++k) chunk_sum_exp[k] = chunk_sum_exp_shifted[k] = Vec(0);
     for_each_vector<acc_t>(chunk.padded_n, [&](int64_t i, int k) {
       chunk.prefetch_next(i);
-      const Vec shifted = at::vec::fmadd(Vec::loadu(x + i), vscale, neg_max);
+      // z = x * scale is rounded before the shift (no fma), as the backward and PyTorch's x / T round it:
+      // an fma here made lse that of the unrounded z, off by up to ulp(z) / 2 from the backward's log p.
+      const Vec shifted = Vec::loadu(x + i) * vscale + neg_max;
       const Vec e = vec_exp(shifted);
       chunk_sum_exp[k] = chunk_sum_exp[k] + e;
       if constexpr (kWantEntropy) {
@@ -286,7 +295,7 @@ struct WideSum {
 
 template <typename scalar_t, bool kWantSum, bool kWantEntropy>
 void logit_stats_forward_kernel(const scalar_t* x, int64_t rows, int64_t cols, const int64_t* labels,
-                                int64_t ignore_index, double inv_temperature, float* lse_out,
+                                int64_t ignore_index, double inv_temperature, double* lse_out,
                                 float* target_out, float* sum_out, float* entropy_out) {
   using acc_t = at::opmath_type<scalar_t>;
   parallel_rows(rows, cols, [&](int64_t row_begin, int64_t row_end) {
@@ -299,7 +308,7 @@ void logit_stats_forward_kernel(const scalar_t* x, int64_t rows, int64_t cols, c
         if constexpr (kWantSum) sum_x.add(chunk.data, chunk.n);  // the n real entries only: the pad is -inf
         stats.template add_chunk<kWantEntropy>(chunk);
       });
-      lse_out[r] = static_cast<float>(stats.lse());
+      lse_out[r] = stats.lse();
       // labels were range-checked up front
       const bool has_target = labels != nullptr && labels[r] != ignore_index;
       target_out[r] = has_target ? static_cast<float>(static_cast<double>(row[labels[r]]) * inv_temperature) : 0.f;
@@ -319,7 +328,7 @@ struct RowCoefficients {
 
 template <typename scalar_t>
 void logit_stats_backward_kernel(const scalar_t* x, int64_t rows, int64_t cols, const int64_t* labels,
-                                 const float* lse, RowCoefficients coef, double inv_temperature, scalar_t* dx) {
+                                 const double* lse, RowCoefficients coef, double inv_temperature, scalar_t* dx) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const acc_t s = static_cast<acc_t>(inv_temperature);
@@ -333,16 +342,19 @@ void logit_stats_backward_kernel(const scalar_t* x, int64_t rows, int64_t cols, 
       const scalar_t* row = x + r * cols;
       scalar_t* dx_row = dx + r * cols;
       // dx = p * (s a) + (p * s b) * w + s d (+ s c at the label), with w = z - lse and p = exp(w).
+      // lse is split into acc_t high and low parts and w = (z - hi) - lo: z - hi is exact where p matters
+      // (z within 2x of lse), so log p keeps fp32's relative accuracy even when |lse| >> |log p|, as
+      // PyTorch's (z - max) - log(sum) does; z - fp32(lse) would err by ulp(lse) (1e-3 at logits of 1e4).
       const acc_t sa = coefficient(coef.a, r), sb = coefficient(coef.b, r);
       const acc_t sc = coefficient(coef.c, r), sd = coefficient(coef.d, r);
-      const acc_t row_lse = lse[r];
-      const Vec vs(s), vsa(sa), vsb(sb), vsd(sd), vlse(row_lse), vlowest(lowest);
+      const acc_t lse_hi = static_cast<acc_t>(lse[r]);
+      const acc_t lse_lo = static_cast<acc_t>(lse[r] - static_cast<double>(lse_hi));
+      const Vec vs(s), vsa(sa), vsb(sb), vsd(sd), vlse_hi(lse_hi), vlse_lo(lse_lo), vlowest(lowest);
       for_each_chunk(row, cols, kNegInf<acc_t>, buf, [&](const Chunk<acc_t>& chunk) {
         store_chunk(dx_row + chunk.begin, chunk.n, [&](int64_t i) {
-          // z is rounded to acc_t here, unlike in the forward's fma: the fp32 lse was rounded as well, and
-          // for a dominant logit the two roundings cancel (p = 1 exactly for a one-hot row of 1e4 logits).
-          const Vec w = Vec::loadu(chunk.data + i) * vs - vlse;
-          const Vec p = vec_exp(w);
+          // z rounded to acc_t, exactly as in the forward's max and exp passes.
+          const Vec w = (Vec::loadu(chunk.data + i) * vs - vlse_hi) - vlse_lo;
+          const Vec p = vec_exp_accurate(w);
           // (p * s b) * max(w, lowest): p = 0 at w = -inf gives 0, not 0 * -inf = NaN.
           return at::vec::fmadd(p * vsb, at::vec::clamp_min(w, vlowest), at::vec::fmadd(p, vsa, vsd));
         });
@@ -350,7 +362,7 @@ void logit_stats_backward_kernel(const scalar_t* x, int64_t rows, int64_t cols, 
       // The one-hot term goes into the label's gradient before rounding, not onto its rounded value.
       const int64_t label = labels == nullptr ? -1 : labels[r];
       if (label >= 0 && label < cols) {
-        const acc_t w = static_cast<acc_t>(row[label]) * s - row_lse;
+        const acc_t w = (static_cast<acc_t>(row[label]) * s - lse_hi) - lse_lo;
         const acc_t p = std::exp(w);
         dx_row[label] = static_cast<scalar_t>(std::fma(p * sb, std::max(w, lowest), std::fma(p, sa, sd)) + sc);
       }
@@ -505,7 +517,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> logit_sta
   if (checked_labels.has_value()) check_label_range(*checked_labels, cols, ignore_index);
 
   const auto stat = [&](bool wanted) { return x.new_empty({wanted ? rows : 0}, x.options().dtype(at::kFloat)); };
-  auto lse = stat(true), target = stat(true), sum_z = stat(want_sum), entropy = stat(want_entropy);
+  auto lse = x.new_empty({rows}, x.options().dtype(at::kDouble));
+  auto target = stat(true), sum_z = stat(want_sum), entropy = stat(want_entropy);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     // The wanted statistics are compile-time flags so the hot loop carries no dead work.
     using Kernel = decltype(&logit_stats_forward_kernel<scalar_t, false, false>);
@@ -513,7 +526,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> logit_sta
         {logit_stats_forward_kernel<scalar_t, false, false>, logit_stats_forward_kernel<scalar_t, false, true>},
         {logit_stats_forward_kernel<scalar_t, true, false>, logit_stats_forward_kernel<scalar_t, true, true>}};
     kernels[want_sum][want_entropy](x.data_ptr<scalar_t>(), rows, cols, data_or_null<int64_t>(checked_labels),
-                                    ignore_index, inv_temperature, lse.data_ptr<float>(), target.data_ptr<float>(),
+                                    ignore_index, inv_temperature, lse.data_ptr<double>(), target.data_ptr<float>(),
                                     want_sum ? sum_z.data_ptr<float>() : nullptr,
                                     want_entropy ? entropy.data_ptr<float>() : nullptr);
   });
@@ -529,7 +542,7 @@ torch::Tensor logit_stats_backward(
   const int64_t rows = x.size(0), cols = x.size(1);
   // Out-of-range labels (ignore_index) just get no one-hot term, so they need no range check.
   const auto checked_labels = checked_row_vector(labels, rows, at::kLong, op, "labels");
-  const auto checked_lse = checked_row_vector(lse, rows, at::kFloat, op, "lse");
+  const auto checked_lse = checked_row_vector(lse, rows, at::kDouble, op, "lse");
   const auto checked_a = checked_row_vector(a, rows, at::kFloat, op, "a");
   const auto checked_b = checked_row_vector(b, rows, at::kFloat, op, "b");
   const auto checked_c = checked_row_vector(c, rows, at::kFloat, op, "c");
@@ -540,7 +553,7 @@ torch::Tensor logit_stats_backward(
   auto dx = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     logit_stats_backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), rows, cols, data_or_null<int64_t>(checked_labels),
-                                          checked_lse.data_ptr<float>(), coef, inv_temperature,
+                                          checked_lse.data_ptr<double>(), coef, inv_temperature,
                                           dx.data_ptr<scalar_t>());
   });
   return dx;

@@ -40,6 +40,12 @@ def lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def saved_lse_dtype(dtype, backend):
+    """The dtype of the lse the kernels save for the backward: the C++ kernel keeps float64, so its backward
+    recomputes the probabilities to fp32 accuracy (see csrc/cpu/attention.cpp); Triton keeps lse_dtype."""
+    return torch.float64 if backend == "cpp" else lse_dtype(dtype)
+
+
 def window_bounds(causal, window):
     """(left, right) key bounds relative to each query's position, -1 meaning unbounded (causal: right <= 0)."""
     left, right = (None, None) if window is None else window
@@ -174,7 +180,7 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: 
 @_attention.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
       window_right, backend):
-    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype(q.dtype))
+    return torch.empty_like(q), q.new_empty((q.shape[1], q.shape[0]), dtype=saved_lse_dtype(q.dtype, backend))
 
 
 @torch.library.custom_op("fastllm::attention_backward", mutates_args=())
@@ -277,6 +283,10 @@ def _check_index(name, t, length, device):
     return t.to(torch.int32).contiguous()
 
 
+def _public_lse(lse, q):
+    return lse.to(lse_dtype(q.dtype))  # differentiable: the gradient flows back in the saved dtype
+
+
 def _check_max_seqlen(name, value):
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -307,7 +317,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                           v.reshape(batch * seqlen_k, heads_kv, head_dim).contiguous(), None, None, None, seqlen_q,
                           seqlen_k, softmax_scale, left, right, backend)
     out = out.view(batch, seqlen_q, heads_q, head_dim)
-    return (out, lse.view(heads_q, batch, seqlen_q).transpose(0, 1)) if return_lse else out
+    return (out, _public_lse(lse, q).view(heads_q, batch, seqlen_q).transpose(0, 1)) if return_lse else out
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -340,7 +350,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                                           softmax_scale, window, return_lse)
     out, lse = _attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k, None,
                           max_seqlen_q, max_seqlen_k, softmax_scale, left, right, backend)
-    return (out, lse) if return_lse else out
+    return (out, _public_lse(lse, q)) if return_lse else out
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor, *,
@@ -372,4 +382,4 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                           v_cache.reshape(batch * cache_len, heads_kv, head_dim).contiguous(), None, None, kv_lengths,
                           seqlen_q, cache_len, softmax_scale, left, right, backend)
     out = out.view(batch, seqlen_q, heads_q, head_dim)
-    return (out, lse.view(heads_q, batch, seqlen_q).transpose(0, 1)) if return_lse else out
+    return (out, _public_lse(lse, q).view(heads_q, batch, seqlen_q).transpose(0, 1)) if return_lse else out

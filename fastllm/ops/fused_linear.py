@@ -246,8 +246,10 @@ def _linear_logit_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_label_range(labels, weight.shape[0], ignore_index)  # inside the op: data-dependent, one graph node
     rows = hidden.shape[0]
-    stat = dict(dtype=torch.float32, device=hidden.device)
-    outputs = tuple(torch.empty(rows if wanted else 0, **stat) for wanted in (True, True, want_sum, want_entropy))
+    # lse in fp64, as logit_stats_forward returns it (the backward splits it to keep log p accurate)
+    outputs = tuple(torch.empty(rows if wanted else 0, dtype=dtype, device=hidden.device)
+                    for wanted, dtype in ((True, torch.float64), (True, torch.float32), (want_sum, torch.float32),
+                                          (want_entropy, torch.float32)))
 
     def store(index, ranges, chunk_labels, *stats):
         for out, value in zip(outputs, stats):
@@ -264,7 +266,7 @@ def _linear_logit_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
 def _(hidden, weight, bias, labels, inv_temperature, ignore_index, want_sum, want_entropy, chunk_size, backend):
     rows = hidden.shape[0]
     stat = lambda wanted: hidden.new_empty((rows if wanted else 0,), dtype=torch.float32)  # noqa: E731
-    return stat(True), stat(True), stat(want_sum), stat(want_entropy)
+    return hidden.new_empty((rows,), dtype=torch.float64), stat(True), stat(want_sum), stat(want_entropy)
 
 
 @torch.library.custom_op("fastllm::linear_logit_stats_backward", mutates_args=())
@@ -322,10 +324,10 @@ _linear_logit_stats.register_autograd(_linear_logit_stats_grad, setup_context=_l
 # ---------------------------------------------------------------------------------------------------------
 def _cross_entropy_rows(lse, target, sum_z, label_smoothing, vocab):
     """Per-row cross-entropy: (1 - s)(lse - z[label]) + s (lse - mean(z)), as F.cross_entropy smooths labels."""
-    loss = lse - target
+    loss = lse - target  # fp64 (lse is), rounded to fp32 once
     if label_smoothing:
         loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_z / vocab)
-    return loss
+    return loss.float()
 
 
 class _CrossEntropyHead:
@@ -372,7 +374,7 @@ class _PolicyHead:
 
     def __call__(self, index, ranges, labels, lse, target, sum_z, entropy):
         mask = _rows(self.mask, ranges)
-        logprobs = torch.where(labels != self.ignore_index, target - lse, 0.0)
+        logprobs = torch.where(labels != self.ignore_index, (target - lse).float(), 0.0)
         ref_logprobs = None if self.ref_logprobs is None else _rows(self.ref_logprobs, ranges)
         terms = rl.policy_terms(logprobs, _rows(self.old_logprobs, ranges), _rows(self.advantages, ranges),
                                 entropy=entropy, ref_logprobs=ref_logprobs, with_derivative=True, **self.policy)
@@ -416,7 +418,7 @@ class _PreferenceHead:
         count = last - first
         chosen_length, rejected_length = self.lengths
         valid = labels != self.ignore_index
-        logprobs = torch.where(valid, target - lse, 0.0)
+        logprobs = torch.where(valid, (target - lse).float(), 0.0)
         chosen = logprobs[:count * chosen_length].view(count, chosen_length).sum(1)
         rejected = logprobs[count * chosen_length:].view(count, rejected_length).sum(1)
         ref_chosen, ref_rejected = self.ref_chosen[first:last], self.ref_rejected[first:last]
@@ -584,7 +586,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     lse, target, _, entropy = _linear_logit_stats(rows, weight, bias, flat_labels, 1.0 / temperature, ignore_index,
                                                   False, return_entropy,
                                                   chunk_rows(weight.shape[0], hidden.dtype, chunk_size), backend)
-    logprobs = torch.where(flat_labels != ignore_index, target - lse, 0.0).reshape(labels.shape)
+    logprobs = torch.where(flat_labels != ignore_index, (target - lse).float(), 0.0).reshape(labels.shape)
     return (logprobs, entropy.reshape(labels.shape)) if return_entropy else logprobs
 
 

@@ -111,7 +111,7 @@ def _logit_stats(x: torch.Tensor, labels: Optional[torch.Tensor], inv_temperatur
 def _(x, labels, inv_temperature, ignore_index, want_sum, want_entropy, backend):
     rows = x.shape[0]
     stat = lambda wanted: x.new_empty((rows if wanted else 0,), dtype=torch.float32)  # noqa: E731
-    return stat(True), stat(True), stat(want_sum), stat(want_entropy)
+    return x.new_empty((rows,), dtype=torch.float64), stat(True), stat(want_sum), stat(want_entropy)
 
 
 @torch.library.custom_op("fastllm::logit_stats_backward", mutates_args=())
@@ -139,7 +139,9 @@ def stat_gradient_coefficients(labels, ignore_index, entropy, g_lse, g_target=No
 
     d lse/dz = p;  d target/dz = onehot;  d sum_z/dz = 1;  d entropy/dz = -p * (log p + entropy).
     The kernel multiplies b by log p = z - lse, not by z: with logits of 1e4, z - E[z] in fp32 would cancel.
+    lse is fp64 (see logit_stats_forward), so g_lse arrives in fp64; the kernels take fp32 coefficients.
     """
+    g_lse = g_lse.float()
     a, b = g_lse, None
     if g_entropy is not None:
         a = a - g_entropy * entropy
@@ -218,7 +220,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     rows, lead = as_rows(logits)
     flat_labels = _labels_as_rows(labels)
     lse, target, _, _ = _logit_stats(rows, flat_labels, 1.0 / temperature, ignore_index, False, False, backend)
-    return torch.where(flat_labels != ignore_index, target - lse, 0.0).reshape(lead)
+    # target - lse in fp64 (lse is fp64), rounded once: fp32 log-probs accurate even where |lse| is large
+    return torch.where(flat_labels != ignore_index, (target - lse).float(), 0.0).reshape(lead)
 
 
 def entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
@@ -256,9 +259,10 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     flat_labels = _labels_as_rows(labels)
     smoothing = label_smoothing > 0
     lse, target, sum_z, _ = _logit_stats(rows, flat_labels, 1.0, ignore_index, smoothing, False, backend)
-    loss = lse - target
+    loss = lse - target  # fp64, as lse is; rounded to fp32 once below
     if smoothing:  # uniform part: -mean_j log p_j = lse - mean_j z_j
         loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_z / rows.shape[-1])
+    loss = loss.float()
     valid = flat_labels != ignore_index
     loss = torch.where(valid, loss, 0.0)
     if reduction == "none":

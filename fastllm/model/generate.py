@@ -1,0 +1,204 @@
+"""Generation with a KV cache: greedy or sampled (temperature, top-k, top-p), stop tokens, batched prompts of
+different lengths, and the log-probs of the sampled tokens (what PPO stores as its old policy's).
+
+Prompts of different lengths need no padding: the prefill runs them packed side by side (varlen attention),
+and row b of the cache holds sequence b's tokens at positions [0, length_b). Each decoding step appends one
+token per row at its own position and attends to each row's own prefix (fastllm.ops.attention_decode with
+kv_lengths), so a prompt's continuation does not depend on the other prompts in the batch.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+class KVCache:
+    """Keys and values of every layer for `batch_size` sequences of at most `max_len` tokens each.
+
+    Layer i's keys are (batch_size, max_len, n_kv_head, head_dim), allocated on first use in the keys' dtype
+    and device; row b holds its sequence's tokens at [0, lengths[b]) (host ints). The model stores into it and
+    advances the lengths during a forward (GPT.hidden_states(..., cache=cache)).
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, max_len: int):
+        for name, value in (("n_layer", n_layer), ("batch_size", batch_size), ("max_len", max_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KVCache {name} must be a positive int, got {value!r}")
+        self.batch_size, self.max_len = batch_size, max_len
+        self.keys = [None] * n_layer
+        self.values = [None] * n_layer
+        self.lengths = [0] * batch_size
+
+    def store(self, layer, k, v, slots):
+        """Write k, v (..., n_kv_head, head_dim) at (row, position) slots (N,) each; return layer's tensors."""
+        if self.keys[layer] is None:
+            shape = (self.batch_size, self.max_len, *k.shape[-2:])
+            self.keys[layer] = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.values[layer] = torch.zeros(shape, dtype=v.dtype, device=v.device)
+        rows, positions = slots
+        self.keys[layer][rows, positions] = k.reshape(-1, *k.shape[-2:]).to(self.keys[layer].dtype)
+        self.values[layer][rows, positions] = v.reshape(-1, *v.shape[-2:]).to(self.values[layer].dtype)
+        return self.keys[layer], self.values[layer]
+
+    def advance(self, layout):
+        self.lengths = list(layout.new_lengths)
+
+
+@dataclass
+class Generation:
+    tokens: list  # list[list[int]]: each prompt's new tokens, its stop token included
+    logprobs: Optional[list]  # with return_logprobs: fp32 (len(tokens[b]),) tensors, else None
+    stopped: list  # list[bool]: ended by a stop token (else by max_new_tokens)
+
+
+def restrict_logits(logits, top_k=None, top_p=None):
+    """logits (B, V) with every token outside the top_k, or outside the nucleus, set to -inf.
+
+    The nucleus is the smallest set of most likely tokens whose probability reaches top_p: a token stays iff
+    the tokens ranked above it hold less than top_p. The most likely token always stays."""
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        above = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked above each one
+        drop = torch.zeros_like(above, dtype=torch.bool).scatter(-1, order, above >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """The next token (B,) and its log-prob (B,) fp32, from logits (B, V).
+
+    temperature 0 is greedy (log-probs of softmax(logits)); otherwise the token is drawn from
+    softmax(logits / temperature) restricted by top_k / top_p. The log-prob is of the unrestricted
+    softmax(logits / temperature): the policy's, which a trainer recomputes with linear_token_logprobs.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        logprobs = logits.log_softmax(dim=-1)
+    else:
+        scaled = logits / temperature
+        logprobs = scaled.log_softmax(dim=-1)
+        probs = restrict_logits(scaled, top_k, top_p).softmax(dim=-1)
+        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
+             return_logprobs=False, generator=None, use_cache=True) -> Generation:
+    """Continue each prompt by up to max_new_tokens tokens.
+
+    prompts: a list of token-id lists (any lengths >= 1) or a 2-D integer tensor. temperature 0: greedy.
+    top_k (int >= 1) and top_p (in (0, 1]) restrict sampling. A prompt stops after emitting any of
+    stop_tokens (an int or a collection of ints); generation ends when all have stopped. generator: a
+    torch.Generator on the model's device, for reproducible sampling. use_cache=False recomputes the whole
+    forward at every step (the reference the cache is tested against). The model runs in eval mode (no
+    dropout) under no_grad, and is put back in its previous mode.
+    """
+    config = model.config
+    prompts = _prompt_lists(prompts, config.vocab_size)
+    stop = _check_generation_args(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens,
+                                  return_logprobs)
+    device = model.lm_head_weight.device
+    batch = len(prompts)
+    tokens = [[] for _ in prompts]
+    logprobs = [[] for _ in prompts]
+    stopped = [False] * batch
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if use_cache:
+                cache = KVCache(config.n_layer, batch, max(map(len, prompts)) + max_new_tokens)
+                last = _last_hidden(model, prompts, device, cache)  # the prefill, (B, C)
+            for step in range(max_new_tokens):
+                if not use_cache:
+                    last = _last_hidden(model, [p + t for p, t in zip(prompts, tokens)], device)
+                logits = F.linear(last, model.lm_head_weight)  # (B, V)
+                next_tokens, next_logprobs = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                         generator=generator)
+                for b, (token, logprob) in enumerate(zip(next_tokens.tolist(), next_logprobs.tolist())):
+                    if not stopped[b]:
+                        tokens[b].append(token)
+                        logprobs[b].append(logprob)
+                        stopped[b] = token in stop
+                if all(stopped) or step == max_new_tokens - 1:
+                    break
+                if use_cache:
+                    # Rows already stopped keep decoding too (one static batch); their tokens are dropped.
+                    last = model.hidden_states(next_tokens[:, None], cache=cache)[:, 0]
+    finally:
+        model.train(was_training)
+    return Generation(tokens=tokens,
+                      logprobs=[torch.tensor(lp, dtype=torch.float32) for lp in logprobs] if return_logprobs else None,
+                      stopped=stopped)
+
+
+def _last_hidden(model, sequences, device, cache=None):
+    """The final hidden state (B, C) at the last token of each sequence, all run packed in one forward."""
+    lengths = torch.tensor([len(s) for s in sequences])
+    cu_seqlens = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)]).to(device)
+    idx = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=device)[None]  # (1, N)
+    hidden = model.hidden_states(idx, cu_seqlens=cu_seqlens, cache=cache)  # (1, N, C)
+    return hidden[0, cu_seqlens[1:] - 1]
+
+
+def _prompt_lists(prompts, vocab_size):
+    """prompts as a list of lists of ints, each non-empty and in [0, vocab_size)."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2 or prompts.dtype.is_floating_point or prompts.dtype == torch.bool:
+            raise ValueError(f"a prompts tensor must be 2-D integer (batch, tokens), got {prompts.dtype} "
+                             f"{tuple(prompts.shape)}")
+        prompts = prompts.tolist()
+    if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+        raise ValueError(f"prompts must be a non-empty list of token-id lists (or a 2-D tensor), got {prompts!r:.80}")
+    result = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompts[{i}] must be a list of token ids, got {type(prompt).__name__} (for one prompt "
+                             f"pass [tokens])")
+        if len(prompt) == 0:
+            raise ValueError(f"prompts[{i}] is empty: every prompt needs at least one token")
+        for j, token in enumerate(prompt):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < vocab_size:
+                raise ValueError(f"prompts[{i}][{j}] = {token!r} is not a token id in [0, {vocab_size})")
+        result.append(list(prompt))
+    return result
+
+
+def _check_generation_args(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens,
+                           return_logprobs):
+    """Raise ValueError for a bad argument; return the stop tokens as a set."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    longest = max(map(len, prompts))
+    if longest + max_new_tokens > config.block_size:
+        raise ValueError(f"the longest prompt ({longest} tokens) plus max_new_tokens ({max_new_tokens}) exceeds "
+                         f"block_size = {config.block_size}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if not isinstance(return_logprobs, bool):
+        raise ValueError(f"return_logprobs must be a bool, got {return_logprobs!r}")
+    if stop_tokens is None:
+        stop_tokens = ()
+    if isinstance(stop_tokens, int) and not isinstance(stop_tokens, bool):
+        stop_tokens = (stop_tokens,)
+    try:
+        stop = set(stop_tokens)
+    except TypeError:
+        raise ValueError(f"stop_tokens must be an int or a collection of ints, got {stop_tokens!r}") from None
+    for token in stop:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < config.vocab_size:
+            raise ValueError(f"stop token {token!r} is not a token id in [0, {config.vocab_size})")
+    return stop

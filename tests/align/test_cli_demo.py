@@ -1,0 +1,89 @@
+"""The stage CLIs chained on files (sft -> reward -> ppo / grpo with a reward function -> dpo), and the demo's
+reduced mode end to end."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from fastllm.data import save_tokenizer, train_tokenizer
+from fastllm.demo import AdditionTask
+from fastllm.model import GPT, GPTConfig
+from fastllm.train import dpo, ppo, reward, sft
+from fastllm.train.chat import write_jsonl
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def exact_sum(prompt, response):  # importable reward function for --reward-fn
+    return AdditionTask.reward(prompt, response)
+
+
+def test_stage_clis_chain(tmp_path, capsys):
+    task = AdditionTask(max_operand=5)
+    train, _ = task.split()
+    tok = train_tokenizer(["".join(f"{a}+{b}={a + b}\n" for a, b in task.all_prompts())] * 3, vocab_size=280)
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    GPT(GPTConfig.gpt2_style(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=1, n_head=2,
+                             n_embd=32)).save_pretrained(base)
+    save_tokenizer(tok, base / "tokenizer.json")
+    write_jsonl(tmp_path / "sft.jsonl", task.sft_records(train))
+    write_jsonl(tmp_path / "pairs.jsonl", task.preference_records(train))
+    write_jsonl(tmp_path / "prompts.jsonl", task.prompt_records(train))
+    common = ["--no-progress", "--eval-interval", "0", "--eval-iters", "1", "--batch-size", "4"]
+
+    assert sft.cli(["--data", str(tmp_path / "sft.jsonl"), "--init", str(base), "--out", str(tmp_path / "sft"),
+                    "--steps", "3", *common]) == 0
+    assert reward.cli(["--data", str(tmp_path / "pairs.jsonl"), "--init", str(tmp_path / "sft"),
+                       "--out", str(tmp_path / "rm"), "--steps", "3", *common]) == 0
+    rm_summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= rm_summary["val_accuracy"] <= 1.0
+    ppo_flags = ["--prompts", str(tmp_path / "prompts.jsonl"), "--init", str(tmp_path / "sft"), "--steps", "2",
+                 "--batch-size", "4", "--minibatch-size", "4", "--max-new-tokens", "3", "--no-progress"]
+    assert ppo.cli([*ppo_flags, "--reward-model", str(tmp_path / "rm"), "--out", str(tmp_path / "ppo")]) == 0
+    assert ppo.cli([*ppo_flags, "--reward-fn", f"{__name__}:exact_sum", "--advantage", "grpo", "--group-size", "2",
+                    "--out", str(tmp_path / "grpo")]) == 0
+    assert dpo.cli(["--data", str(tmp_path / "pairs.jsonl"), "--init", str(tmp_path / "sft"),
+                    "--out", str(tmp_path / "dpo"), "--steps", "2", *common]) == 0
+    for stage, log in (("sft", "sft"), ("rm", "reward"), ("ppo", "ppo"), ("grpo", "ppo"), ("dpo", "dpo")):
+        assert (tmp_path / stage / "final" / "model.safetensors").is_file()
+        assert (tmp_path / stage / "final" / "tokenizer.json").is_file()
+        assert (tmp_path / stage / f"{log}.jsonl").is_file() and (tmp_path / stage / f"{log}.png").is_file()
+        assert (tmp_path / stage / "checkpoints" / "latest").is_file()
+    # a PPO run resumes from its checkpoint (the reference comes from the checkpoint, not from --init)
+    shutil.rmtree(tmp_path / "ppo" / "final")
+    assert ppo.cli([*ppo_flags, "--steps", "3", "--reward-model", str(tmp_path / "rm"), "--out",
+                    str(tmp_path / "ppo"), "--resume"]) == 0
+    steps = [r["step"] for r in map(json.loads, open(tmp_path / "ppo" / "ppo.jsonl"))]
+    assert steps == [1, 2, 3]
+
+
+def test_bad_reward_fn_spec():
+    with pytest.raises(ValueError, match="module:function"):
+        ppo.load_reward_fn("no_colon")
+    with pytest.raises(ValueError, match="no callable 'nope'"):
+        ppo.load_reward_fn(f"{__name__}:nope")
+
+
+def test_demo_reduced_runs_end_to_end(tmp_path):
+    from fastllm.demo import run_demo
+
+    report = run_demo(tmp_path / "demo", reduced=True, progress=False, threads=1)
+    ev = report["evaluation"]
+    assert set(ev) == {"sft", "ppo", "dpo"}
+    for name, e in ev.items():
+        assert 0.0 <= e["true_score"] <= 1.0 and e["true_score_seed_std"] >= 0.0
+    assert ev["ppo"]["kl_to_sft"] >= 0.0 and ev["dpo"]["kl_to_sft"] >= 0.0
+    assert 0.0 <= report["reward_model"]["heldout_pairwise_accuracy"] <= 1.0
+    assert report["kernels"]["backend"] in ("cpp", "torch", "triton") and report["kernels"]["ops"]
+    assert report["timings_s"]["total"] < 180
+    for f in ("report.md", "report.json", "summary.png", "ppo/ppo.png", "sft/sft.png", "reward/reward.png",
+              "dpo/dpo.png"):
+        assert (tmp_path / "demo" / f).is_file(), f
