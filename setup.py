@@ -9,7 +9,7 @@ import os
 from setuptools import setup
 
 packages = ["fastllm", "fastllm.ops", "fastllm.nn", "fastllm.model", "fastllm.data", "fastllm.train", "fastllm.demo",
-            "fastllm.kernels", "fastllm.csrc"]
+            "fastllm.integrations", "fastllm.kernels", "fastllm.csrc"]
 package_dir = {"fastllm.kernels": "kernels", "fastllm.csrc": "csrc"}
 package_data = {"fastllm.csrc": ["*.h", "*.cpp", "cpu/*.cpp", "cuda/*.cu"]}
 ext_modules, cmdclass = [], {}

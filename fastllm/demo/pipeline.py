@@ -6,7 +6,9 @@
 1. corpus of correct addition facts + a BPE tokenizer (fastllm.data.prepare_dataset)
 2. pretrain a small GPT (fastllm.train.pretrain)
 3. SFT on chat turns from a sloppy teacher (right only `sft_accuracy` of the time)
-4. preference pairs (right answer, wrong answer) -> reward model; its held-out pairwise accuracy
+4. preference pairs -> reward model: (right answer, teacher-style mistake) pairs, plus pairs of the SFT model's
+   own samples on the training prompts ranked by the checkable reward (the "labellers"); its pairwise accuracy on
+   pairs from held-out prompts, per kind of mistake
 5. PPO from the SFT model against the reward model (the true reward is never shown to PPO)
 6. DPO from the SFT model on the same pairs
 7. evaluation on held-out prompts (operand pairs no alignment stage saw): the true score of SFT, PPO and DPO
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import shutil
 import statistics
@@ -47,13 +50,18 @@ class DemoSizes:
     eval_samples: int
     eval_seeds: int
     ppo_seeds: int  # PPO runs with different seeds: the run-to-run noise
+    ppo_lr: float = 1e-4
+    kl_coef: float = 0.1
+    label_samples: int = 4  # SFT samples per training prompt ranked by the true reward into preference pairs
+    max_new_tokens: int = 8
 
 
-FULL = DemoSizes(max_operand=20, n_docs=400, vocab_size=320, n_layer=2, n_embd=64, pretrain_steps=600,
-                 sft_steps=150, rm_steps=150, ppo_steps=60, dpo_steps=100, eval_samples=4, eval_seeds=3, ppo_seeds=2)
+FULL = DemoSizes(max_operand=20, n_docs=600, vocab_size=320, n_layer=2, n_embd=64, pretrain_steps=2400,
+                 sft_steps=300, rm_steps=500, ppo_steps=160, dpo_steps=200, eval_samples=8, eval_seeds=3, ppo_seeds=2,
+                 ppo_lr=1e-4, kl_coef=0.2)
 REDUCED = DemoSizes(max_operand=10, n_docs=300, vocab_size=300, n_layer=2, n_embd=64, pretrain_steps=1200,
-                    sft_steps=200, rm_steps=150, ppo_steps=120, dpo_steps=150, eval_samples=16, eval_seeds=3,
-                    ppo_seeds=1)
+                    sft_steps=200, rm_steps=300, ppo_steps=120, dpo_steps=150, eval_samples=16, eval_seeds=3,
+                    ppo_seeds=1, ppo_lr=1e-4, kl_coef=0.2)
 
 
 def _log(msg):
@@ -61,25 +69,34 @@ def _log(msg):
 
 
 def run_demo(out_dir="runs/demo", *, reduced: bool = False, seed: int = 0, threads: Optional[int] = None,
-             progress: bool = True) -> dict:
-    """Run every stage into out_dir; returns the report (also written to out_dir/report.json and report.md)."""
-    from fastllm.data import prepare_dataset
+             progress: bool = True, reuse_pretrain: bool = False, sizes: Optional[DemoSizes] = None) -> dict:
+    """Run every stage into out_dir; returns the report (also written to out_dir/report.json and report.md).
+
+    reuse_pretrain: keep out_dir's corpus, tokenizer and pretrained model when an earlier run of the same sizes
+    and seed left them (they do not depend on the alignment stages): for iterating on stages 3-7.
+    sizes: override the mode's DemoSizes."""
+    from fastllm.data import load_tokenizer, prepare_dataset
     from fastllm.model import GPT
     from fastllm.train import TrainConfig
+    from fastllm.train.chat import ChatTemplate, read_preferences, read_prompts
     from fastllm.train.dpo import dpo
     from fastllm.train.ppo import PPOConfig, evaluate_policy, ppo
     from fastllm.train.pretrain import parser_defaults, pretrain
     from fastllm.train.reward import ScalarHeadModel, pairwise_accuracy, train_reward_model
     from fastllm.train.sft import sft
-    from fastllm.data import load_tokenizer
-    from fastllm.train.chat import ChatTemplate, read_preferences, read_prompts
 
-    sizes = REDUCED if reduced else FULL
+    sizes = sizes or (REDUCED if reduced else FULL)
     if threads:
         torch.set_num_threads(threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stage in ("data", "pretrain", "sft", "reward", "ppo", "dpo", *(f"ppo_seed{k}" for k in range(1, 8))):
+    pre_key = {"max_operand": sizes.max_operand, "n_docs": sizes.n_docs, "vocab_size": sizes.vocab_size,
+               "n_layer": sizes.n_layer, "n_embd": sizes.n_embd, "pretrain_steps": sizes.pretrain_steps, "seed": seed}
+    marker = out / "pretrain" / "demo_key.json"
+    reuse = (reuse_pretrain and marker.is_file() and json.loads(marker.read_text()) == pre_key
+             and (out / "data" / "tokenizer.json").is_file())
+    stages = ("sft", "reward", "ppo", "dpo", *(f"ppo_seed{k}" for k in range(1, 8)))
+    for stage in stages if reuse else ("data", "pretrain", *stages):
         shutil.rmtree(out / stage, ignore_errors=True)  # the demo owns these: a rerun starts clean
     task = AdditionTask(max_operand=sizes.max_operand, seed=seed)
     train_prompts, held_prompts = task.split()
@@ -100,45 +117,74 @@ def run_demo(out_dir="runs/demo", *, reduced: bool = False, seed: int = 0, threa
     # 1. corpus + tokenizer
     t0 = time.perf_counter()
     data_dir = out / "data"
-    meta = prepare_dataset(data_dir, task.corpus(sizes.n_docs), vocab_size=sizes.vocab_size, val_fraction=0.05,
-                           seed=seed, near_dup_threshold=None, show_progress=False)
+    if reuse:
+        meta = json.loads((data_dir / "meta.json").read_text()) if (data_dir / "meta.json").is_file() else {}
+        meta.setdefault("vocab_size", load_tokenizer(data_dir / "tokenizer.json").get_vocab_size())
+        _log("reusing the corpus, tokenizer and pretrained model of an earlier run")
+    else:
+        meta = prepare_dataset(data_dir, task.corpus(sizes.n_docs), vocab_size=sizes.vocab_size, val_fraction=0.05,
+                               seed=seed, near_dup_threshold=None, show_progress=False)
     write_jsonl(data_dir / "sft.jsonl", task.sft_records(train_prompts))
-    write_jsonl(data_dir / "pairs.jsonl", task.preference_records(train_prompts))
     write_jsonl(data_dir / "prompts.jsonl", task.prompt_records(train_prompts))
     write_jsonl(data_dir / "heldout.jsonl", task.prompt_records(held_prompts))
     seen = random.Random(seed).sample(train_prompts, min(len(train_prompts), len(held_prompts)))
     write_jsonl(data_dir / "seen.jsonl", task.prompt_records(seen))
-    write_jsonl(data_dir / "heldout_pairs.jsonl", task.preference_records(held_prompts))
+    held_pair_records = task.preference_records(held_prompts, copies=3, seed_offset=5)
+    write_jsonl(data_dir / "heldout_pairs.jsonl", held_pair_records)
     lap("data", t0)
-    report["data"] = {"vocab_size": meta["vocab_size"], "train_prompts": len(train_prompts),
-                      "heldout_prompts": len(held_prompts), "sft_teacher_accuracy": task.sft_accuracy}
+    report["data"] = {"vocab_size": meta.get("vocab_size"), "train_prompts": len(train_prompts),
+                      "heldout_prompts": len(held_prompts), "sft_teacher_accuracy": task.sft_accuracy,
+                      "sft_teacher_verbose": task.sft_verbose, "sft_teacher_true_score": task.teacher_score}
 
     # 2. pretrain
     t0 = time.perf_counter()
-    args = parser_defaults()
-    args.n_layer, args.n_head, args.n_embd, args.block_size = sizes.n_layer, 4, sizes.n_embd, 64
-    pre = pretrain(cfg("pretrain", sizes.pretrain_steps, lr=3e-3, min_lr=3e-4, eval_interval=sizes.pretrain_steps,
-                       eval_iters=4),
-                   data=str(data_dir), preset_args=args, sample_prompt=None)
+    if reuse:
+        report["pretrain"] = json.loads((out / "pretrain" / "demo_summary.json").read_text())
+    else:
+        args = parser_defaults()
+        args.n_layer, args.n_head, args.n_embd, args.block_size = sizes.n_layer, 4, sizes.n_embd, 64
+        pre = pretrain(cfg("pretrain", sizes.pretrain_steps, lr=3e-3, min_lr=3e-4,
+                           eval_interval=sizes.pretrain_steps, eval_iters=4),
+                       data=str(data_dir), preset_args=args, sample_prompt=None)
+        report["pretrain"] = {k: pre.get(k) for k in ("val_loss_first", "val_loss", "val_ppl")}
+        write_json(out / "pretrain" / "demo_summary.json", report["pretrain"])
+        write_json(marker, pre_key)
     lap("pretrain", t0)
-    report["pretrain"] = {k: pre.get(k) for k in ("val_loss_first", "val_loss", "val_ppl")}
 
     # 3. SFT
     t0 = time.perf_counter()
-    sft(cfg("sft", sizes.sft_steps), data=str(data_dir / "sft.jsonl"), init=str(out / "pretrain"),
-                  val_fraction=0.05)
+    sft(cfg("sft", sizes.sft_steps), data=str(data_dir / "sft.jsonl"), init=str(out / "pretrain"), val_fraction=0.05)
     lap("sft", t0)
 
-    # 4. reward model
+    # 4. preference pairs: teacher-style mistakes + the SFT model's own samples ranked by the checkable reward
     t0 = time.perf_counter()
+    tok = load_tokenizer(data_dir / "tokenizer.json")
+    template = ChatTemplate(tok)
+    sft_model = GPT.from_pretrained(str(out / "sft" / "final"))
+    train_prompt_examples = read_prompts(data_dir / "prompts.jsonl", template)
+    labelled = labelled_pairs(sft_model, train_prompt_examples, template, task.reward, samples=sizes.label_samples,
+                              max_new_tokens=sizes.max_new_tokens, seed=seed + 7)
+    synthetic = task.preference_records(train_prompts, copies=3)
+    write_jsonl(data_dir / "pairs.jsonl", synthetic + labelled)
     rm_sum = train_reward_model(cfg("reward", sizes.rm_steps, lr=3e-4, weight_decay=0.1),
                                 data=str(data_dir / "pairs.jsonl"), init=str(out / "sft"), val_fraction=0.1)
     rm = ScalarHeadModel.from_pretrained(rm_sum["final"])
-    held_pairs = read_preferences(data_dir / "heldout_pairs.jsonl", ChatTemplate(load_tokenizer(data_dir / "tokenizer.json")))
+    held_pairs = read_preferences(data_dir / "heldout_pairs.jsonl", template)
+    by_kind = {}
+    for kind in {r["kind"] for r in held_pair_records}:
+        chosen = [p for p, r in zip(held_pairs, held_pair_records) if r["kind"] == kind]
+        by_kind[kind] = pairwise_accuracy(rm, chosen)["accuracy"]
+    labelled_held = labelled_pairs(sft_model, read_prompts(data_dir / "heldout.jsonl", template), template,
+                                   task.reward, samples=sizes.label_samples, max_new_tokens=sizes.max_new_tokens,
+                                   seed=seed + 8)
     lap("reward", t0)
-    report["reward_model"] = {"heldout_pairwise_accuracy": pairwise_accuracy(rm, held_pairs)["accuracy"],
-                              "val_split_accuracy": rm_sum.get("val_accuracy"),
-                              "train_accuracy": rm_sum.get("train_accuracy")}
+    report["reward_model"] = {
+        "pairs": {"teacher_style": len(synthetic), "labelled_sft_samples": len(labelled)},
+        "heldout_pairwise_accuracy": pairwise_accuracy(rm, held_pairs)["accuracy"],
+        "heldout_accuracy_by_mistake": dict(sorted(by_kind.items())),
+        "heldout_sft_sample_pairs_accuracy": (pairwise_accuracy(rm, _as_pairs(labelled_held, template))["accuracy"]
+                                              if labelled_held else None),
+        "val_split_accuracy": rm_sum.get("val_accuracy"), "train_accuracy": rm_sum.get("train_accuracy")}
 
     # 5. PPO (one run per seed: the spread of their true scores is the run-to-run noise)
     ppo_runs = []
@@ -146,9 +192,9 @@ def run_demo(out_dir="runs/demo", *, reduced: bool = False, seed: int = 0, threa
         t0 = time.perf_counter()
         name = "ppo" if k == 0 else f"ppo_seed{k}"
         pcfg = PPOConfig(out_dir=str(out / name), steps=sizes.ppo_steps, batch_size=32, minibatch_size=16,
-                         ppo_epochs=2, max_new_tokens=6, temperature=1.0, lr=3e-4, critic_lr=3e-4, kl_coef=0.05,
-                         entropy_coef=0.0, missing_eos_penalty=-1.0, checkpoint_interval=0, progress=progress,
-                         seed=seed + 100 * k, device="cpu")
+                         ppo_epochs=2, max_new_tokens=sizes.max_new_tokens, temperature=1.0, lr=sizes.ppo_lr,
+                         critic_lr=3e-4, kl_coef=sizes.kl_coef, entropy_coef=0.0, missing_eos_penalty=-1.0,
+                         checkpoint_interval=0, progress=progress, seed=seed + 100 * k, device="cpu")
         summary = ppo(pcfg, prompts=str(data_dir / "prompts.jsonl"), init=str(out / "sft"),
                       reward_model=str(out / "reward" / "final"))
         summary.pop("trainer", None)
@@ -163,43 +209,49 @@ def run_demo(out_dir="runs/demo", *, reduced: bool = False, seed: int = 0, threa
 
     # 7. evaluation on held-out prompts with the true reward
     t0 = time.perf_counter()
-    tok = load_tokenizer(data_dir / "tokenizer.json")
-    template = ChatTemplate(tok)
     held = read_prompts(data_dir / "heldout.jsonl", template)
     seen_prompts = read_prompts(data_dir / "seen.jsonl", template)
-    sft_model = GPT.from_pretrained(str(out / "sft" / "final"))
     models = {"sft": sft_model, **{name: GPT.from_pretrained(s["final"]) for name, s in ppo_runs},
               "dpo": GPT.from_pretrained(dpo_sum["final"])}
     evaluation = {}
     for name, model in models.items():
         scores = [evaluate_policy(model, held, task.reward, template=template, samples=sizes.eval_samples,
-                                  max_new_tokens=6, temperature=1.0, seed=1000 + s,
+                                  max_new_tokens=sizes.max_new_tokens, temperature=1.0, seed=1000 + s,
                                   ref_model=None if name == "sft" else sft_model)
                   for s in range(sizes.eval_seeds)]
-        greedy = evaluate_policy(model, held, task.reward, template=template, samples=1, max_new_tokens=6,
-                                 temperature=0.0)
+        greedy = evaluate_policy(model, held, task.reward, template=template, samples=1,
+                                 max_new_tokens=sizes.max_new_tokens, temperature=0.0)
         values = [s["score"] for s in scores]
         seen_score = evaluate_policy(model, seen_prompts, task.reward, template=template, samples=sizes.eval_samples,
-                                     max_new_tokens=6, temperature=1.0, seed=999)["score"]
+                                     max_new_tokens=sizes.max_new_tokens, temperature=1.0, seed=999)["score"]
         evaluation[name] = {"true_score": statistics.mean(values), "seen_prompts_true_score": seen_score,
+                            "true_score_seeds": values,
                             "true_score_seed_std": statistics.stdev(values) if len(values) > 1 else 0.0,
                             "true_score_sem": statistics.mean(s["score_sem"] for s in scores),
-                            "greedy_true_score": greedy["score"], "eos_rate": statistics.mean(s["eos_rate"] for s in scores)}
+                            "greedy_true_score": greedy["score"],
+                            "eos_rate": statistics.mean(s["eos_rate"] for s in scores),
+                            "rm_score": rm_mean_score(rm, model, held, template, sizes.max_new_tokens, seed=1234)}
         if name != "sft":
             evaluation[name]["kl_to_sft"] = statistics.mean(s["kl"] for s in scores)
     lap("evaluate", t0)
     report["evaluation"] = evaluation
     ppo_scores = [evaluation[name]["true_score"] for name, _ in ppo_runs]
     sft_score = evaluation["sft"]["true_score"]
-    eval_noise = max(max(e["true_score_seed_std"], e["true_score_sem"]) for e in evaluation.values())
+    # evaluation noise: the larger of the spread over sampling seeds and the binomial standard error, for the
+    # models compared; run-to-run noise: the spread of the PPO runs' scores (when more than one)
+    eval_noise = max(max(evaluation[n]["true_score_seed_std"], evaluation[n]["true_score_sem"])
+                     for n in ("sft", *(name for name, _ in ppo_runs)))
     run_noise = statistics.stdev(ppo_scores) if len(ppo_scores) > 1 else None
     noise = max(eval_noise, run_noise or 0.0)
-    report["ppo_vs_sft"] = {"improvement": statistics.mean(ppo_scores) - sft_score,
+    improvement = statistics.mean(ppo_scores) - sft_score
+    report["ppo_vs_sft"] = {"improvement": improvement, "ppo_true_scores": ppo_scores,
                             "evaluation_noise": eval_noise, "ppo_run_to_run_std": run_noise, "noise_used": noise,
-                            "improved_beyond_noise": statistics.mean(ppo_scores) - sft_score > 2 * noise}
+                            "required_margin": 2 * noise, "improved_beyond_noise": improvement > 2 * noise}
     report["dpo_vs_sft"] = {"improvement": evaluation["dpo"]["true_score"] - sft_score}
-    report["final_kl_ppo"] = evaluation["ppo"]["kl_to_sft"]
-    report["kernels"] = kernel_profile(models["ppo"], held[:16], template)
+    report["final_kl_ppo"] = statistics.mean(evaluation[name]["kl_to_sft"] for name, _ in ppo_runs)
+    report["ppo_training"] = {name: {"final_rm_reward": s.get("reward"), "final_kl": s.get("kl"),
+                                     "seconds": s.get("seconds")} for name, s in ppo_runs}
+    report["kernels"] = kernel_profile(models["ppo"], held[:16], template, sizes.max_new_tokens)
     timings["total"] = round(time.perf_counter() - t_start, 1)
     report["timings_s"] = timings
     write_json(out / "report.json", report)
@@ -209,7 +261,58 @@ def run_demo(out_dir="runs/demo", *, reduced: bool = False, seed: int = 0, threa
     return report
 
 
-def kernel_profile(model, prompts, template) -> dict:
+@torch.no_grad()
+def labelled_pairs(model, prompts, template, reward, *, samples: int, max_new_tokens: int, seed: int,
+                   per_prompt: int = 2, batch_size: int = 128) -> list[dict]:
+    """Preference records from the model's own samples, ranked by `reward` (the stand-in for human labellers):
+    for each prompt with both a rewarded and an unrewarded response among `samples`, up to `per_prompt` pairs
+    (a best response, a distinct worse one). Responses that never stopped or are empty are left out."""
+    if samples < 2:
+        return []
+    gen = torch.Generator().manual_seed(seed)
+    batch = [p for p in prompts for _ in range(samples)]
+    texts, scores = [], []
+    for start in range(0, len(batch), batch_size):
+        chunk = batch[start:start + batch_size]
+        out = model.generate([p.prompt for p in chunk], max_new_tokens, temperature=1.0,
+                             stop_tokens=(template.end_id,), generator=gen)
+        for p, tokens, stopped in zip(chunk, out.tokens, out.stopped):
+            text = template.decode_response(tokens) if stopped else ""
+            texts.append(text)
+            scores.append(reward(p.text, text) if text.strip() else None)
+    records = []
+    for i, p in enumerate(prompts):
+        rows = [(t, s) for t, s in zip(texts[i * samples:(i + 1) * samples], scores[i * samples:(i + 1) * samples])
+                if s is not None]
+        if not rows:
+            continue
+        best = max(s for _, s in rows)
+        good = sorted({t for t, s in rows if s == best})
+        bad = sorted({t for t, s in rows if s < best})
+        for k, rejected in enumerate(bad[:per_prompt]):
+            records.append({"prompt": p.text, "chosen": good[k % len(good)], "rejected": rejected,
+                            "kind": "sft_sample"})
+    return records
+
+
+def _as_pairs(records, template):
+    from fastllm.train.chat import PreferencePair
+
+    return [PreferencePair(template.prompt_ids(r["prompt"]), template.response_ids(r["chosen"]),
+                           template.response_ids(r["rejected"])) for r in records]
+
+
+@torch.no_grad()
+def rm_mean_score(rm, model, prompts, template, max_new_tokens, *, seed: int) -> float:
+    """The reward model's mean score of one sampled response per prompt (what PPO optimises; compare with the
+    true score to see over-optimisation)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = model.generate([p.prompt for p in prompts], max_new_tokens, temperature=1.0,
+                         stop_tokens=(template.end_id,), generator=gen)
+    return rm.score([p.prompt + r for p, r in zip(prompts, out.tokens)]).mean().item()
+
+
+def kernel_profile(model, prompts, template, max_new_tokens: int = 8) -> dict:
     """Which backend fastllm resolves for these tensors, and the time in fastllm's custom ops during one
     generation + one fused PPO-style loss forward/backward (torch.profiler, CPU)."""
     from torch.profiler import ProfilerActivity, profile
@@ -220,7 +323,7 @@ def kernel_profile(model, prompts, template) -> dict:
     device = model.lm_head_weight.device
     resolved = backend.resolve(device, torch.float32)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        gen = model.generate([p.prompt for p in prompts], 6, temperature=1.0, stop_tokens=(template.end_id,),
+        gen = model.generate([p.prompt for p in prompts], max_new_tokens, temperature=1.0, stop_tokens=(template.end_id,),
                              return_logprobs=True)
         ids, cu, labels, positions = pack_responses([p.prompt for p in prompts], gen.tokens, device)
         hidden = model.hidden_states(ids, cu_seqlens=cu)[0, positions]
@@ -241,25 +344,37 @@ def kernel_profile(model, prompts, template) -> dict:
 
 
 def render_report(r: dict) -> str:
-    ev = r["evaluation"]
+    ev, d, rmr = r["evaluation"], r["data"], r["reward_model"]
+    p = r["ppo_vs_sft"]
+    verdict = ("PPO beats SFT by more than twice the noise" if p["improved_beyond_noise"] else
+               "**WARNING: PPO does NOT beat SFT by more than twice the noise**")
     lines = [f"# fastllm demo ({r['mode']} mode)", "",
-             "Task: two-number addition, reward 1 for the exact sum. SFT teacher right "
-             f"{r['data']['sft_teacher_accuracy']:.0%} of the time; {r['data']['heldout_prompts']} held-out prompts "
-             "(operand pairs unseen by SFT, the reward model, PPO and DPO; the pretraining corpus holds all facts).", "",
-             "| model | true score (T=1) | seed std | greedy | KL to SFT | ends with <\\|end\\|> | "
+             "Task: two-number addition; reward 1 for the exact sum alone (checked by a program on the generated "
+             f"text). The SFT teacher's number is right {d['sft_teacher_accuracy']:.0%} of the time and it rambles on "
+             f"after the number {d['sft_teacher_verbose']:.0%} of the time (true score {d['sft_teacher_true_score']:.2f})."
+             f" {d['heldout_prompts']} held-out prompts: operand pairs unseen by SFT, the reward model, PPO and DPO "
+             "(the pretraining corpus holds all facts).", "",
+             f"**{verdict}**: PPO - SFT = {p['improvement']:+.3f}, noise {p['noise_used']:.3f} (evaluation "
+             f"{p['evaluation_noise']:.3f}"
+             + (f", PPO run-to-run std {p['ppo_run_to_run_std']:.3f}" if p["ppo_run_to_run_std"] is not None else "")
+             + f"), required margin {p['required_margin']:.3f}; KL(PPO || SFT) {r['final_kl_ppo']:.3f} nats per response.",
+             "",
+             "| model | true score (T=1) | seed std | greedy | KL to SFT | reward-model score | ends with <\\|end\\|> | "
              "score on training prompts (T=1) |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for name, e in ev.items():
         kl = f"{e['kl_to_sft']:.3f}" if "kl_to_sft" in e else "-"
         lines.append(f"| {name} | {e['true_score']:.3f} | {e['true_score_seed_std']:.3f} | "
-                     f"{e['greedy_true_score']:.3f} | {kl} | {e['eos_rate']:.2f} | {e['seen_prompts_true_score']:.3f} |")
-    p = r["ppo_vs_sft"]
-    lines += ["", f"PPO - SFT: {p['improvement']:+.3f} (noise: evaluation {p['evaluation_noise']:.3f}"
-              + (f", PPO run-to-run std {p['ppo_run_to_run_std']:.3f}" if p["ppo_run_to_run_std"] is not None else "")
-              + f"; beyond 2x noise: {p['improved_beyond_noise']})",
-              f"DPO - SFT: {r['dpo_vs_sft']['improvement']:+.3f}",
-              f"Reward model held-out pairwise accuracy: {r['reward_model']['heldout_pairwise_accuracy']:.3f}",
-              f"Final KL(PPO || SFT) per response: {r['final_kl_ppo']:.3f}",
+                     f"{e['greedy_true_score']:.3f} | {kl} | {e['rm_score']:.2f} | {e['eos_rate']:.2f} | "
+                     f"{e['seen_prompts_true_score']:.3f} |")
+    acc = ", ".join(f"{k} {v:.2f}" for k, v in rmr["heldout_accuracy_by_mistake"].items())
+    sample_acc = rmr["heldout_sft_sample_pairs_accuracy"]
+    lines += ["", f"DPO - SFT: {r['dpo_vs_sft']['improvement']:+.3f}",
+              f"Reward model ({rmr['pairs']['teacher_style']} teacher-style pairs + {rmr['pairs']['labelled_sft_samples']}"
+              f" pairs of ranked SFT samples): pairwise accuracy on held-out prompts {rmr['heldout_pairwise_accuracy']:.3f}"
+              f" (by mistake: {acc}"
+              + (f"; ranked SFT samples {sample_acc:.2f}" if sample_acc is not None else "")
+              + f"), on its training pairs {rmr['train_accuracy']:.3f}",
               f"Pretraining validation loss: {r['pretrain']['val_loss_first']:.3f} -> {r['pretrain']['val_loss']:.3f}",
               "", f"Backend: {r['kernels']['backend']}; fastllm ops in one profiled rollout + fused PPO loss: "
               f"{r['kernels']['kernel_ms']} ms of {r['kernels']['profiled_ms']} ms profiled", ""]
@@ -296,13 +411,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    parser.add_argument("--reuse-pretrain", action="store_true",
+                        help="keep the corpus, tokenizer and pretrained model of an earlier run of the same size in "
+                             "--out (to iterate on the alignment stages)")
 
 
 def main(args: argparse.Namespace) -> int:
     report = run_demo(args.out_dir, reduced=args.reduced, seed=args.seed, threads=args.threads,
-                      progress=args.progress)
+                      progress=args.progress, reuse_pretrain=args.reuse_pretrain)
     print((Path(args.out_dir) / "report.md").read_text())
-    return 0 if report["ppo_vs_sft"]["improvement"] > 0 else 1
+    if not report["ppo_vs_sft"]["improved_beyond_noise"]:
+        _log("PPO did not beat SFT by more than twice the noise (see the report): exit status 1")
+        return 1
+    return 0
 
 
 def cli(argv: Optional[list[str]] = None) -> int:

@@ -72,6 +72,50 @@ def test_bad_reward_fn_spec():
         ppo.load_reward_fn(f"{__name__}:nope")
 
 
+def test_task_teacher_and_pairs():
+    task = AdditionTask(max_operand=10, sft_accuracy=0.6, sft_verbose=0.4, seed=3)
+    train, held = task.split()
+    assert not set(train) & set(held) and len(train) + len(held) == 100
+    assert task.reward("7+5=", "12") == 1.0 and task.reward("7+5=", " 12 ") == 1.0
+    for wrong in ("13", "12\n3+4=7", "", "12 12"):
+        assert task.reward("7+5=", wrong) == 0.0
+    with pytest.raises(ValueError, match="not an addition prompt"):
+        task.reward("hello", "1")
+    records = task.sft_records(train, copies=10)
+    score = sum(task.reward(r["prompt"], r["response"]) for r in records) / len(records)
+    assert abs(score - task.teacher_score) < 0.05  # the teacher is as sloppy as stated
+    verbose = sum("\n" in r["response"] for r in records) / len(records)
+    assert abs(verbose - task.sft_verbose) < 0.05
+    pairs = task.preference_records(train, copies=3)
+    assert {r["kind"] for r in pairs} == {"arithmetic", "verbose", "both"}
+    for r in pairs:  # every pair is ranked correctly by the ground truth
+        assert task.reward(r["prompt"], r["chosen"]) == 1.0 and task.reward(r["prompt"], r["rejected"]) == 0.0
+        assert ("\n" in r["rejected"]) == (r["kind"] != "arithmetic")
+
+
+def test_labelled_pairs_rank_samples_by_the_true_reward():
+    from types import SimpleNamespace
+
+    from fastllm.demo.pipeline import labelled_pairs
+    from fastllm.train.chat import ChatTemplate, PromptExample
+
+    task = AdditionTask(max_operand=5)
+    tok = train_tokenizer(["".join(f"{a}+{b}={a + b}\n" for a, b in task.all_prompts())] * 3, vocab_size=280)
+    template = ChatTemplate(tok)
+    canned = {"1+2=": ["3", "4", "3\n1+1=2", "3"], "2+2=": ["5", "6", "5", "1"], "0+0=": ["0", "0", "0", "0"]}
+    prompts = [PromptExample(template.prompt_ids(t), t) for t in canned]
+
+    class Stub:  # answers each prompt with its canned responses, in order
+        def generate(self, prompts_ids, max_new_tokens, **kw):
+            texts = [r for t in canned for r in canned[t]]
+            assert len(prompts_ids) == len(texts)
+            return SimpleNamespace(tokens=[template.response_ids(t) for t in texts], stopped=[True] * len(texts))
+
+    records = labelled_pairs(Stub(), prompts, template, task.reward, samples=4, max_new_tokens=8, seed=0)
+    assert records == [{"prompt": "1+2=", "chosen": "3", "rejected": "3\n1+1=2", "kind": "sft_sample"},
+                       {"prompt": "1+2=", "chosen": "3", "rejected": "4", "kind": "sft_sample"}]
+
+
 def test_demo_reduced_runs_end_to_end(tmp_path):
     from fastllm.demo import run_demo
 
@@ -80,10 +124,21 @@ def test_demo_reduced_runs_end_to_end(tmp_path):
     assert set(ev) == {"sft", "ppo", "dpo"}
     for name, e in ev.items():
         assert 0.0 <= e["true_score"] <= 1.0 and e["true_score_seed_std"] >= 0.0
+        assert len(e["true_score_seeds"]) == report["sizes"]["eval_seeds"] >= 2
     assert ev["ppo"]["kl_to_sft"] >= 0.0 and ev["dpo"]["kl_to_sft"] >= 0.0
-    assert 0.0 <= report["reward_model"]["heldout_pairwise_accuracy"] <= 1.0
+    rm = report["reward_model"]
+    assert 0.0 <= rm["heldout_pairwise_accuracy"] <= 1.0 and rm["pairs"]["labelled_sft_samples"] > 0
+    # the surface mistake generalises to prompts the reward model never saw
+    assert rm["heldout_accuracy_by_mistake"]["verbose"] >= 0.9
+    # the demo's claim: PPO's true score on held-out prompts beats SFT's by more than twice the noise, KL bounded
+    p = report["ppo_vs_sft"]
+    assert p["improvement"] == pytest.approx(ev["ppo"]["true_score"] - ev["sft"]["true_score"])
+    assert p["noise_used"] > 0.0 and p["required_margin"] == pytest.approx(2 * p["noise_used"])
+    assert p["improved_beyond_noise"], report["ppo_vs_sft"]
+    assert report["final_kl_ppo"] < 5.0
     assert report["kernels"]["backend"] in ("cpp", "torch", "triton") and report["kernels"]["ops"]
     assert report["timings_s"]["total"] < 180
     for f in ("report.md", "report.json", "summary.png", "ppo/ppo.png", "sft/sft.png", "reward/reward.png",
               "dpo/dpo.png"):
         assert (tmp_path / "demo" / f).is_file(), f
+    assert "PPO beats SFT" in (tmp_path / "demo" / "report.md").read_text()
