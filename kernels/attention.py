@@ -31,7 +31,6 @@ and bf16 dots take P and dS rounded to the input dtype, as FlashAttention does, 
 Launchers mirror csrc/fastllm.h (same names and semantics) and take torch tensors; fastllm.ops does the
 autograd and the dispatch.
 """
-import itertools
 import os
 
 import torch

@@ -61,7 +61,7 @@ FULL = DemoSizes(max_operand=20, n_docs=600, vocab_size=320, n_layer=2, n_embd=6
                  ppo_lr=1e-4, kl_coef=0.2)
 REDUCED = DemoSizes(max_operand=10, n_docs=300, vocab_size=300, n_layer=2, n_embd=64, pretrain_steps=1200,
                     sft_steps=200, rm_steps=300, ppo_steps=120, dpo_steps=150, eval_samples=16, eval_seeds=3,
-                    ppo_seeds=1, ppo_lr=1e-4, kl_coef=0.2)
+                    ppo_seeds=1, ppo_lr=5e-5, kl_coef=0.3)
 
 
 def _log(msg):
@@ -203,7 +203,7 @@ def run_demo(out_dir="runs/demo", *, reduced: bool = False, seed: int = 0, threa
 
     # 6. DPO
     t0 = time.perf_counter()
-    dpo_sum = dpo(cfg("dpo", sizes.dpo_steps, lr=5e-4, min_lr=5e-5, batch_size=16), data=str(data_dir / "pairs.jsonl"),
+    dpo_sum = dpo(cfg("dpo", sizes.dpo_steps, lr=2e-4, min_lr=2e-5, batch_size=16), data=str(data_dir / "pairs.jsonl"),
                   init=str(out / "sft"), beta=0.1, val_fraction=0.1)
     lap("dpo", t0)
 
@@ -424,13 +424,3 @@ def main(args: argparse.Namespace) -> int:
         _log("PPO did not beat SFT by more than twice the noise (see the report): exit status 1")
         return 1
     return 0
-
-
-def cli(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastllm demo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -14,9 +14,7 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
-from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -200,13 +198,3 @@ def main(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary))
     return 0
-
-
-def cli(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastllm dpo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -35,7 +35,6 @@ import importlib
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -724,13 +723,3 @@ def main(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary))
     return 0
-
-
-def cli(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastllm ppo", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -229,13 +228,3 @@ def main(args: argparse.Namespace) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary))
     return 0
-
-
-def cli(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastllm reward", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from typing import Optional
 
 from .chat import (IGNORE_INDEX, ChatTemplate, SFTExample, batch_indices, export_model, find_tokenizer, load_gpt,
                    pack, read_sft, split_holdout)
@@ -108,13 +106,3 @@ def main(args: argparse.Namespace) -> int:
     if "final" in summary:
         print(json.dumps(summary))
     return 0
-
-
-def cli(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastllm sft", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return main(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(cli())

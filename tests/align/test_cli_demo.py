@@ -9,7 +9,8 @@ import torch
 from fastllm.data import save_tokenizer, train_tokenizer
 from fastllm.demo import AdditionTask
 from fastllm.model import GPT, GPTConfig
-from fastllm.train import dpo, ppo, reward, sft
+from fastllm.cli import main as fastllm_cli
+from fastllm.train import ppo
 from fastllm.train.chat import write_jsonl
 
 
@@ -39,18 +40,18 @@ def test_stage_clis_chain(tmp_path, capsys):
     write_jsonl(tmp_path / "prompts.jsonl", task.prompt_records(train))
     common = ["--no-progress", "--eval-interval", "0", "--eval-iters", "1", "--batch-size", "4"]
 
-    assert sft.cli(["--data", str(tmp_path / "sft.jsonl"), "--init", str(base), "--out", str(tmp_path / "sft"),
+    assert fastllm_cli(["sft", "--data", str(tmp_path / "sft.jsonl"), "--init", str(base), "--out", str(tmp_path / "sft"),
                     "--steps", "3", *common]) == 0
-    assert reward.cli(["--data", str(tmp_path / "pairs.jsonl"), "--init", str(tmp_path / "sft"),
+    assert fastllm_cli(["reward", "--data", str(tmp_path / "pairs.jsonl"), "--init", str(tmp_path / "sft"),
                        "--out", str(tmp_path / "rm"), "--steps", "3", *common]) == 0
     rm_summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= rm_summary["val_accuracy"] <= 1.0
     ppo_flags = ["--prompts", str(tmp_path / "prompts.jsonl"), "--init", str(tmp_path / "sft"), "--steps", "2",
                  "--batch-size", "4", "--minibatch-size", "4", "--max-new-tokens", "3", "--no-progress"]
-    assert ppo.cli([*ppo_flags, "--reward-model", str(tmp_path / "rm"), "--out", str(tmp_path / "ppo")]) == 0
-    assert ppo.cli([*ppo_flags, "--reward-fn", f"{__name__}:exact_sum", "--advantage", "grpo", "--group-size", "2",
+    assert fastllm_cli(["ppo", *ppo_flags, "--reward-model", str(tmp_path / "rm"), "--out", str(tmp_path / "ppo")]) == 0
+    assert fastllm_cli(["ppo", *ppo_flags, "--reward-fn", f"{__name__}:exact_sum", "--advantage", "grpo", "--group-size", "2",
                     "--out", str(tmp_path / "grpo")]) == 0
-    assert dpo.cli(["--data", str(tmp_path / "pairs.jsonl"), "--init", str(tmp_path / "sft"),
+    assert fastllm_cli(["dpo", "--data", str(tmp_path / "pairs.jsonl"), "--init", str(tmp_path / "sft"),
                     "--out", str(tmp_path / "dpo"), "--steps", "2", *common]) == 0
     for stage, log in (("sft", "sft"), ("rm", "reward"), ("ppo", "ppo"), ("grpo", "ppo"), ("dpo", "dpo")):
         assert (tmp_path / stage / "final" / "model.safetensors").is_file()
@@ -59,7 +60,7 @@ def test_stage_clis_chain(tmp_path, capsys):
         assert (tmp_path / stage / "checkpoints" / "latest").is_file()
     # a PPO run resumes from its checkpoint (the reference comes from the checkpoint, not from --init)
     shutil.rmtree(tmp_path / "ppo" / "final")
-    assert ppo.cli([*ppo_flags, "--steps", "3", "--reward-model", str(tmp_path / "rm"), "--out",
+    assert fastllm_cli(["ppo", *ppo_flags, "--steps", "3", "--reward-model", str(tmp_path / "rm"), "--out",
                     str(tmp_path / "ppo"), "--resume"]) == 0
     steps = [r["step"] for r in map(json.loads, open(tmp_path / "ppo" / "ppo.jsonl"))]
     assert steps == [1, 2, 3]
