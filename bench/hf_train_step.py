@@ -17,7 +17,6 @@ make RSS follow live tensors, glibc is told to serve every allocation of 1 MiB o
 freed tensors leave RSS at once instead of staying in the heap for the next variant to reuse.
 """
 import argparse
-import ctypes
 import shlex
 import statistics
 import sys
@@ -25,17 +24,7 @@ import time
 
 import torch
 
-from bench.harness import MiB, PeakMemory
-
-
-def _mmap_large_allocations(threshold=MiB):
-    """glibc: allocations >= threshold through mmap (returned to the OS on free). False where unavailable."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_MMAP_THRESHOLD = -3  # from malloc.h
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+from bench.harness import MiB, PeakMemory, mmap_large_allocations
 
 
 def parse_args(argv):
@@ -84,7 +73,7 @@ def train_step(model, input_ids):
 
 
 def run(args):
-    mmapped = _mmap_large_allocations()
+    mmapped = mmap_large_allocations()
     models = build_models(args)
     input_ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     losses = {}

@@ -102,8 +102,11 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     selected = select_cases(device, args.quick, args.ops.split(",") if args.ops else None)
+    mmapped = harness.mmap_large_allocations()  # every variant pays for fresh pages alike (see there)
     machine = harness.Machine.measure(device, settings)
     info = harness.describe_machine(machine)
+    info["allocator"] = ("glibc: allocations >= 1 MiB mmapped, returned on free" if mmapped
+                         else "mallopt unavailable: heap reuse may favour one variant")
     print(harness.machine_title(info), f"| copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s", flush=True)
     json_path = os.path.join(args.out, "results.json")
     results, skipped, not_run = measure_all(selected, machine, variants, args.budget, json_path, info, command)
