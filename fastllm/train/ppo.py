@@ -36,7 +36,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -49,15 +49,12 @@ from fastllm import ops
 
 from .chat import ChatTemplate, PromptExample, batch_indices, find_tokenizer, load_gpt, read_prompts
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
-from .config import add_config_arguments, config_from_args
+from .config import _f, add_config_arguments, config_from_args
 from .distributed import DistContext, init_distributed
 from .log import MetricsLogger
 from .optim import lr_at, param_groups, set_lr
 from .reward import ScalarHeadModel
 
-
-def _f(default, help):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

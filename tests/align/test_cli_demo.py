@@ -14,13 +14,6 @@ from fastllm.train import ppo
 from fastllm.train.chat import write_jsonl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def exact_sum(prompt, response):  # importable reward function for --reward-fn
     return AdditionTask.reward(prompt, response)

@@ -14,14 +14,6 @@ V = 16
 PROMPTS = [[2 + i % 5, 3 + i % 7, 4 + i % 3][: 1 + i % 3] for i in range(24)]  # lengths 1..3: packing matters
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matmuls on 2 shared cores: one thread avoids OpenMP spin contention (40x faster measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def tiny_gpt(seed=0, dropout=0.0, **kw):
     torch.manual_seed(seed)

@@ -14,13 +14,6 @@ from fastllm.train.reward import ScalarHeadModel, pairwise_accuracy, train_rewar
 from fastllm.train.sft import SFTData, sft, sft_loss, sft_sequence
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def template():
