@@ -1,14 +1,8 @@
 """bench/train_step.py on a tiny model: every variant is measured and profiled, and the report is written."""
-import pytest
 import torch
 
-import fastllm
+from bench import train_step
 from fastllm.model import GPTConfig
-
-train_step = pytest.importorskip("bench.train_step")
-
-pytestmark = pytest.mark.skipif("cpp" not in fastllm.available_backends("cpu"),
-                                reason="the cpp backend (C++ extension) is unavailable")
 
 
 def test_train_step_tiny(tmp_path):
