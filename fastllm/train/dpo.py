@@ -21,10 +21,11 @@ import torch.nn as nn
 
 from fastllm import ops
 
-from .chat import (IGNORE_INDEX, ChatTemplate, PreferencePair, batch_indices, export_model, find_tokenizer, load_gpt,
+from .chat import (IGNORE_INDEX, ChatTemplate, PreferencePair, export_model, find_tokenizer, load_gpt,
                    read_preferences, split_holdout)
 from .config import TrainConfig, add_config_arguments, config_from_args
 from .loop import Trainer
+from .reward import PreferenceData
 
 TRAIN_DEFAULTS = dict(steps=100, batch_size=8, lr=1e-5, min_lr=1e-6, warmup_steps=5, weight_decay=0.0,
                       eval_interval=50, eval_iters=5, checkpoint_interval=100)
@@ -82,20 +83,6 @@ def sequence_logps(gpt, batch) -> tuple[torch.Tensor, torch.Tensor]:
         logps = ops.linear_token_logprobs(hidden[batch[f"{side}_index"]], gpt.lm_head_weight, labels)
         out.append(logps.sum(-1))  # ignored positions give 0
     return out[0], out[1]
-
-
-class PairData:
-    def __init__(self, pairs: list[PreferencePair], seed: int = 0):
-        if not pairs:
-            raise ValueError("PairData needs at least one pair")
-        self.pairs, self.seed = pairs, seed
-
-    def __len__(self):
-        return len(self.pairs)
-
-    def batch(self, index: int, batch_size: int, *, rank: int = 0, world_size: int = 1) -> dict:
-        chosen = batch_indices(len(self.pairs), index, batch_size, self.seed, rank, world_size)
-        return pair_layout([self.pairs[i] for i in chosen])
 
 
 def make_dpo_loss(ref, *, beta: float, loss_type: str, label_smoothing: float = 0.0):
@@ -157,7 +144,8 @@ def dpo(config: TrainConfig, *, data=None, init=None, model=None, ref_model=None
         pairs = read_preferences(data, ChatTemplate(load_tokenizer(tokenizer_path)), model.config.block_size)
     train, held = split_holdout(pairs, val_fraction, config.seed) if val_fraction > 0 else (pairs, [])
     wrapper = HiddenStates(model)
-    trainer = Trainer(wrapper, config, PairData(train, config.seed), PairData(held, config.seed + 1) if held else None,
+    trainer = Trainer(wrapper, config, PreferenceData(train, config.seed, pair_layout),
+                      PreferenceData(held, config.seed + 1, pair_layout) if held else None,
                       loss_fn=make_dpo_loss(ref_model, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing),
                       log_name="dpo", extra_files={"tokenizer.json": str(tokenizer_path)} if tokenizer_path else None,
                       run_info={"stage": "dpo", "data": str(data), "init": str(init), "pairs": len(train),

@@ -107,24 +107,28 @@ class ScalarHeadModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-class PreferenceData:
-    """Micro-batches of pairs, each packed as [chosen_0, rejected_0, chosen_1, rejected_1, ...]."""
+def reward_layout(pairs: list[PreferencePair]) -> dict:
+    """Pairs packed as [chosen_0, rejected_0, chosen_1, rejected_1, ...], with each pair's margin."""
+    out = pack([s for p in pairs for s in (p.prompt + p.chosen, p.prompt + p.rejected)])
+    out["margin"] = torch.tensor([p.margin for p in pairs], dtype=torch.float32)
+    return out
 
-    def __init__(self, pairs: list[PreferencePair], seed: int = 0):
+
+class PreferenceData:
+    """Micro-batches of preference pairs, deterministic in (index, rank, world_size), laid out by `layout`
+    (the reward model's packing by default; DPO passes its own)."""
+
+    def __init__(self, pairs: list[PreferencePair], seed: int = 0, layout=reward_layout):
         if not pairs:
             raise ValueError("PreferenceData needs at least one pair")
-        self.pairs, self.seed = pairs, seed
+        self.pairs, self.seed, self.layout = pairs, seed, layout
 
     def __len__(self):
         return len(self.pairs)
 
     def batch(self, index: int, batch_size: int, *, rank: int = 0, world_size: int = 1) -> dict:
-        chosen = [self.pairs[i] for i in batch_indices(len(self.pairs), index, batch_size, self.seed, rank,
-                                                       world_size)]
-        sequences = [s for p in chosen for s in (p.prompt + p.chosen, p.prompt + p.rejected)]
-        out = pack(sequences)
-        out["margin"] = torch.tensor([p.margin for p in chosen], dtype=torch.float32)
-        return out
+        chosen = batch_indices(len(self.pairs), index, batch_size, self.seed, rank, world_size)
+        return self.layout([self.pairs[i] for i in chosen])
 
 
 def bradley_terry_loss(chosen, rejected, margin=None):
