@@ -21,6 +21,13 @@ How each variant is measured
   glibc serves allocations above 32 MiB with mmap and returns them on free, so for the tensors that matter
   RSS follows live memory (two 785 MiB temporaries read as 1570 MiB, checked on Linux 6.18 / glibc). Small
   tensors come from the heap, which keeps freed pages, so cases of a few MiB read low, often 0.
+- Allocator regime (CPU, `bench.run --allocator`): "fresh" (default) makes every allocation >= 1 MiB a new
+  mmap (mmap_large_allocations), so every run of every variant pays first-touch page faults on its outputs
+  and temporaries, as PyTorch on glibc does for tensors above 32 MiB, and peak RSS follows live tensors.
+  "recycled" (recycle_heap_allocations) serves everything from a heap that keeps freed pages: after its
+  first run a variant reuses memory it has touched, as a training loop's steady state or CUDA's caching
+  allocator does, and the times are the kernels' own; memory is not measured there. For memory-bound ops
+  at tens of MiB the two differ by up to 4x (page faults cost more than the kernel), so both are reported.
 - Roofline: copy bandwidth is measured once per run as the median time of dst.copy_(src) on 256 MiB,
   counting read + write. GB/s = the case's minimum bytes / time; "% copy" = GB/s over that bandwidth.
   Cases that give FLOPs report TFLOP/s and % of a measured square matmul in their dtype.
@@ -103,6 +110,7 @@ class Settings:
     max_runs: int = 1000
     cuda_warmup_ms: float = 25
     cuda_rep_ms: float = 100
+    cpu_memory: bool = True  # False: time only (peak RSS means nothing once the heap keeps freed pages)
 
 
 QUICK_SETTINGS = Settings(min_time_s=0.05, min_runs=3, cuda_warmup_ms=5, cuda_rep_ms=20)
@@ -146,6 +154,20 @@ def mmap_large_allocations(threshold: int = MiB) -> bool:
     return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
 
 
+def recycle_heap_allocations() -> bool:
+    """Have glibc serve every allocation from its heap and keep freed pages: after its first run, a variant
+    reuses memory it has already touched, as in a training loop's steady state (or under CUDA's caching
+    allocator), so the times are the kernels' own, without first-touch page faults. Every variant gets the
+    same treatment. Peak RSS then no longer follows live tensors: measure memory in the default regime.
+    False where glibc is not available."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from malloc.h
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 class PeakMemory:
     """`with PeakMemory(device) as peak:` ... then peak.extra_bytes: the most allocated in the block above
     what was live when it began; None where this cannot be measured (CPU without /proc/self/clear_refs)."""
@@ -187,6 +209,8 @@ def median_ms_and_peak_mib(fn: Callable[[], Any], device: torch.device, settings
         ms = median_ms(fn, device, settings)
         with PeakMemory(device) as peak:
             fn()
+    elif not settings.cpu_memory:
+        return median_ms(fn, device, settings), None
     else:
         with PeakMemory(device) as peak:
             ms = median_ms(fn, device, settings)
@@ -485,6 +509,19 @@ def machine_title(info: dict) -> str:
     return f"CPU: {info['cpu']}, {info['cpu_cores']} cores ({info['torch_threads']} torch threads)"
 
 
+def markdown_table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
+    """A markdown table, columns from `right_from` on right-aligned (numbers)."""
+    widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "| " + " | ".join(str(c).rjust(w) if i >= right_from else str(c).ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i >= right_from else "-" * (w + 2)
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
 def _fmt_number(value: Optional[float]) -> str:
     """About three significant digits without exponents for the usual range: 1234, 123, 12.3, 1.23, 0.0123."""
     if value is None:
@@ -573,9 +610,15 @@ time) as a share of the machine's measured copy bandwidth.
 """
 
 
+def section_key(info: dict) -> str:
+    """The results file keeps one section per device kind and allocator regime."""
+    return info["device"] + ("-recycled" if info.get("regime") == "recycled" else "")
+
+
 def markdown_section(info: dict, command: str, results: list[Result], notes: list[str]) -> str:
-    lines = [f"<!-- bench:{info['device']} -->",
-             f"## {machine_title(info)}",
+    title = machine_title(info) + (", recycled memory" if info.get("regime") == "recycled" else "")
+    lines = [f"<!-- bench:{section_key(info)} -->",
+             f"## {title}",
              "",
              f"- torch {info['torch']}, triton {info['triton']}, Python {info['python']}; {info['date']}",
              f"- Command: `{command}`",
@@ -586,7 +629,7 @@ def markdown_section(info: dict, command: str, results: list[Result], notes: lis
              format_table(results),
              ""]
     lines += [f"- {note}" for note in notes]
-    lines.append(f"<!-- /bench:{info['device']} -->")
+    lines.append(f"<!-- /bench:{section_key(info)} -->")
     return "\n".join(lines)
 
 

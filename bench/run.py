@@ -42,6 +42,11 @@ def parse_args(argv):
                                              "OUT/RESULTS.md with --quick so smoke runs leave it alone)")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="start no new case after this many seconds; the rest are listed as not run")
+    parser.add_argument("--allocator", choices=["fresh", "recycled"], default="fresh",
+                        help="CPU: fresh = every allocation >= 1 MiB is a new mmap (every variant pays its page "
+                             "faults; peak memory measured); recycled = freed memory is reused (the kernels' "
+                             "own time, no first-touch faults; memory not measured). Each regime has its own "
+                             "section in the results file")
     parser.add_argument("--min-time", type=float, help="CPU: seconds of timed runs per measurement "
                                                        "(default 0.5, 0.05 with --quick)")
     return parser.parse_args(argv)
@@ -102,11 +107,20 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
 
     selected = select_cases(device, args.quick, args.ops.split(",") if args.ops else None)
-    mmapped = harness.mmap_large_allocations()  # every variant pays for fresh pages alike (see there)
+    if args.allocator == "recycled" and device.type == "cpu":
+        settings = dataclasses.replace(settings, cpu_memory=False)
+        recycled = harness.recycle_heap_allocations()  # the kernels' own time (see there)
+        allocator = ("glibc: every allocation from the heap, freed pages kept and reused (no first-touch page "
+                     "faults after a variant's first run; memory: see the fresh-pages section)" if recycled
+                     else "mallopt unavailable: the default glibc policy")
+    else:
+        mmapped = harness.mmap_large_allocations()  # every variant pays for fresh pages alike (see there)
+        allocator = ("glibc: allocations >= 1 MiB mmapped, returned on free (every run pays for fresh pages)"
+                     if mmapped else "mallopt unavailable: heap reuse may favour one variant")
     machine = harness.Machine.measure(device, settings)
     info = harness.describe_machine(machine)
-    info["allocator"] = ("glibc: allocations >= 1 MiB mmapped, returned on free" if mmapped
-                         else "mallopt unavailable: heap reuse may favour one variant")
+    info["allocator"] = allocator
+    info["regime"] = args.allocator if device.type == "cpu" else "cuda caching allocator"
     print(harness.machine_title(info), f"| copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s", flush=True)
     json_path = os.path.join(args.out, "results.json")
     results, skipped, not_run = measure_all(selected, machine, variants, args.budget, json_path, info, command)
@@ -120,7 +134,7 @@ def main(argv=None):
     section = harness.markdown_section(info, command, results, notes)
     with open(os.path.join(args.out, "results.md"), "w") as out:
         out.write(section + "\n")
-    harness.update_results_md(results_md, section, device.type)
+    harness.update_results_md(results_md, section, harness.section_key(info))
     chart = os.path.join(args.out, "speedup.png")
     plotted = harness.plot(chart, harness.machine_title(info), results)
     print(f"wrote {json_path}, {results_md}" + (f", {chart}" if plotted else " (no chart: no variant to compare)"))

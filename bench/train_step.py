@@ -326,18 +326,6 @@ def run(specs: list[ModelSpec], *, threads: tuple[int, ...] = (1, 2), steps: int
 # ---------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------
-def _table(header: list[str], rows: list[list[str]], right_from: int = 1) -> str:
-    widths = [max(len(str(line[i])) for line in [header, *rows]) for i in range(len(header))]
-
-    def line(cells):
-        return "| " + " | ".join(str(c).rjust(w) if i >= right_from else str(c).ljust(w)
-                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
-
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i >= right_from else "-" * (w + 2)
-                          for i, w in enumerate(widths)) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
-
-
 _num = harness._fmt_number
 
 
@@ -373,7 +361,7 @@ def format_report(report: dict, machine: Optional[dict] = None, command: str = "
             verdicts.append(f"{m['name']}, {t['threads']} thread(s): kernels {ratio:.2f}x the torch backend "
                             f"({'meets' if ratio >= TARGET else 'misses'} the {TARGET}x target), "
                             f"{plain:.2f}x plain PyTorch")
-    lines += [_table(header, rows, right_from=3), ""]
+    lines += [harness.markdown_table(header, rows, right_from=3), ""]
     lines += [f"- {v}" for v in verdicts]
     for m in report["models"]:
         lines += ["", f"## {m['name']}: {m['describe']}; {m['params_m']:.2f}M parameters, "
@@ -402,7 +390,7 @@ def format_report(report: dict, machine: Optional[dict] = None, command: str = "
         for i, phase in enumerate(PHASES):
             grows.append([phase.replace("step: ", "phase total: ")]
                          + [_num(p["phases"][i][1]) for p in m["profiles"].values()])
-        lines += [_table(header, grows), ""]
+        lines += [harness.markdown_table(header, grows), ""]
         for name, p in m["profiles"].items():
             lines.append(f"Top ops by self CPU, {name}:")
             lines.append("")
@@ -411,11 +399,11 @@ def format_report(report: dict, machine: Optional[dict] = None, command: str = "
                 shown = {r[0] for r in p["top"]}
                 top_rows += [[op + " (not in top)", _num(ms), f"{100 * ms / p['wall_ms']:.1f}%", f"{calls:.0f}"]
                              for op, ms, calls in p["fastllm_ops"] if op not in shown]
-            lines += [_table(["op", "self ms/step", "% of step", "calls/step"], top_rows), ""]
+            lines += [harness.markdown_table(["op", "self ms/step", "% of step", "calls/step"], top_rows), ""]
     if report["overhead"]:
         lines += [f"## Per-call cost: fastllm op vs raw C++ kernel vs plain PyTorch "
                   f"({report['overhead_model']} shapes, {report['overhead_threads']} thread(s), median)", ""]
-        lines += [_table(["case", "call", "us/call"], [[c, v, _num(u)] for c, v, u in report["overhead"]],
+        lines += [harness.markdown_table(["case", "call", "us/call"], [[c, v, _num(u)] for c, v, u in report["overhead"]],
                          right_from=2), ""]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -47,6 +47,10 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_backward(
     const std::optional<torch::Tensor>& weight, const torch::Tensor& mean, const torch::Tensor& rstd,
     double offset, bool rms, bool want_weight_grad, bool want_bias_grad);
 
+// Outputs of at least this many bytes are written with streaming (non-temporal) stores by the norm kernels;
+// -1 (the default) means 3/4 of the last-level cache. Returns the previous setting. For tests and tuning.
+int64_t set_streaming_store_threshold(int64_t bytes);
+
 // ---- attention family (cpu/attention.cpp) ----
 // Fused (flash) attention over packed sequences. q: (total_q, heads_q, head_dim); k, v: (total_k, heads_kv,
 // head_dim), heads_q a multiple of heads_kv; contiguous, one float dtype. Sequence b owns query rows

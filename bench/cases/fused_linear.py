@@ -39,6 +39,12 @@ def eager_linear_cross_entropy(hidden, weight, labels):
     return F.cross_entropy(F.linear(hidden, weight), labels)
 
 
+def eager_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask):
+    # fastllm's plain-PyTorch reference: F.linear, log_softmax, gather, entropy, then the clipped objective
+    return fastllm.ops.fused_linear.reference.linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages,
+                                                              mask).loss
+
+
 # fastllm.ops is looked up at call time: nothing is imported or built until a case runs.
 def fastllm_linear_token_logprobs(hidden, weight, labels):
     return fastllm.ops.linear_token_logprobs(hidden, weight, labels)
@@ -48,9 +54,16 @@ def fastllm_linear_cross_entropy(hidden, weight, labels):
     return fastllm.ops.linear_cross_entropy(hidden, weight, labels)
 
 
+def fastllm_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask):
+    return fastllm.ops.linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask).loss
+
+
+# linear_token_logprobs returns per-token values whose gradient is known only in the backward, so its
+# backward recomputes the logits; the two losses know theirs in the forward and do it all in one pass.
 OPS = {
     "linear_token_logprobs": (eager_linear_token_logprobs, fastllm_linear_token_logprobs),
     "linear_cross_entropy": (eager_linear_cross_entropy, fastllm_linear_cross_entropy),
+    "linear_ppo_loss": (eager_linear_ppo_loss, fastllm_linear_ppo_loss),
 }
 
 
@@ -73,6 +86,26 @@ def _inputs(tokens, hidden, vocab):
     return make_inputs
 
 
+def _ppo_inputs(tokens, hidden, vocab):
+    """The head's inputs plus a rollout's: old log-probs near the policy's (ratios around 1, some clipped),
+    advantages, and a mask with a tenth of the tokens off (padding)."""
+    head_inputs = _inputs(tokens, hidden, vocab)
+
+    def make_inputs(device, dtype):
+        hidden_states, weight, labels = head_inputs(device, dtype)
+        generator = torch.Generator(device).manual_seed(1)
+        with torch.no_grad():
+            logprobs = fastllm.ops.fused_linear.reference.linear_token_logprobs(hidden_states, weight, labels)
+        old_logprobs = logprobs + 0.2 * torch.randn(tokens, generator=generator, device=device)
+        advantages = torch.randn(tokens, generator=generator, device=device)
+        mask = (torch.rand(tokens, generator=generator, device=device) > 0.1).float()
+        return hidden_states, weight, labels, old_logprobs, advantages, mask
+    return make_inputs
+
+
+INPUTS = {"linear_token_logprobs": _inputs, "linear_cross_entropy": _inputs, "linear_ppo_loss": _ppo_inputs}
+
+
 def _shapes(device, quick):
     if quick:
         return QUICK
@@ -87,6 +120,6 @@ def cases(device, quick: bool) -> list[Case]:
     for op, (eager, fastllm_op) in OPS.items():
         for tokens, hidden, vocab in _shapes(device, quick):
             result.append(Case(op=op, shape=f"{tokens}x{hidden}x{vocab}", dtype=torch.float32,
-                               make_inputs=_inputs(tokens, hidden, vocab),
+                               make_inputs=INPUTS[op](tokens, hidden, vocab),
                                variants=standard_variants(eager, fastllm_op), flops=_flops(tokens, hidden, vocab)))
     return result

@@ -27,6 +27,8 @@
 // Memory traffic for N rows of n columns, in elements of x's dtype (mean/rstd: N acc_t each):
 //   forward:  read N*n (2N*n with residual),        write N*n (2N*n with residual)
 //   backward: read 2N*n (3N*n with d residual_out), write N*n;  plus blocks * n acc_t partials (in cache)
+// Outputs larger than most of the last-level cache (y, dx) are written with streaming stores, which skip
+// reading each destination line in first (see streaming_output).
 // Measured on 2 Xeon cores, fp32 LayerNorm, one thread on rows in L2: 0.32 ns/element forward and 0.44
 // backward (ATen: 0.41 and 0.78). At 8192 x 1024 from DRAM, forward+backward takes 1.13x the time of
 // x.clone() plus x + dy, the same traffic with no arithmetic: there the fresh output pages cost more than
@@ -38,7 +40,14 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <unistd.h>
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <memory>
 #include <type_traits>
@@ -87,7 +96,70 @@ struct Lanes {
       at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
     }
   }
+
+  // store(), bypassing the caches for a whole vector when the SIMD ISA allows it and `stream` is set (the
+  // caller checked the row's alignment, kStreamAlign): see streaming_output.
+  static void store(scalar_t* p, const Vec& v, int64_t count, bool stream) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (stream && count == kWidth) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        _mm512_stream_ps(p, v);
+        return;
+      } else if constexpr (std::is_same_v<scalar_t, double>) {
+        _mm512_stream_pd(p, v);
+        return;
+      } else {  // 16 half-precision values: the low 256 bits of the converted vector
+        const __m512i packed = at::vec::convert_from_float<scalar_t>(v, v);
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
+        return;
+      }
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if (stream && count == kWidth) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        _mm256_stream_ps(p, v);
+        return;
+      } else if constexpr (std::is_same_v<scalar_t, double>) {
+        _mm256_stream_pd(p, v);
+        return;
+      } else {  // 8 half-precision values: the low 128 bits
+        const __m256i packed = at::vec::convert_from_float<scalar_t>(v, v);
+        _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+        return;
+      }
+    }
+#endif
+    store(p, v, count);
+  }
+
+  // Whole vectors of a row starting at this alignment can be streamed (the vector's size in bytes).
+  static constexpr int64_t kStreamAlign = kWidth * static_cast<int64_t>(sizeof(scalar_t));
+  static bool stream_aligned(const scalar_t* row) {
+    return reinterpret_cast<uintptr_t>(row) % kStreamAlign == 0;
+  }
 };
+
+// Orders this thread's streaming stores before whatever follows (they bypass the usual ordering).
+inline void streaming_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Whether an output of `bytes` is written with streaming (non-temporal) stores: when it is larger than most
+// of the last-level cache, it would not stay cached for its consumer anyway, and a normal store first reads
+// each line in (a third more DRAM traffic for y = f(x), a quarter more for dx = f(x, dy)). glibc's memcpy
+// switches to streaming stores at a similar size. Outputs that fit stay cache-resident for the next op.
+std::atomic<int64_t> streaming_threshold{-1};  // -1: automatic (set_streaming_store_threshold)
+
+bool streaming_output(int64_t bytes) {
+  static const int64_t automatic = [] {
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return l3 > 0 ? static_cast<int64_t>(l3) * 3 / 4 : int64_t(24) << 20;
+  }();
+  const int64_t threshold = streaming_threshold.load(std::memory_order_relaxed);
+  return bytes >= (threshold < 0 ? automatic : threshold);
+}
 
 // Vectors handled per step of a row loop, each summing into its own accumulator: one chain of dependent
 // adds (4 cycles each on AVX-512) per reduction made the in-cache passes twice as slow.
@@ -140,6 +212,7 @@ struct ForwardArgs {
   acc_t* rstd;
   int64_t rows, cols;
   acc_t eps;
+  bool stream_y;  // streaming stores for y (see streaming_output)
 };
 
 template <typename scalar_t, bool kRms>
@@ -191,11 +264,14 @@ void norm_forward_kernel(const ForwardArgs<scalar_t>& a) {
 
       const Vec vmean(mean), vrstd(rstd);
       scalar_t* y_row = a.y + r * n;
+      const bool stream = a.stream_y && L::stream_aligned(y_row);
       for_each_vector<W>(n, [&](auto, int64_t i, int64_t count) {
         const Vec xhat = (L::load(h + i, count) - vmean) * vrstd;
-        L::store(y_row + i, at::vec::fmadd(xhat, Vec::loadu(a.scale + i), Vec::loadu(a.shift + i)), count);
+        L::store(y_row + i, at::vec::fmadd(xhat, Vec::loadu(a.scale + i), Vec::loadu(a.shift + i)), count,
+                 stream);
       });
     }
+    if (a.stream_y) streaming_fence();
   });
 }
 
@@ -212,6 +288,7 @@ struct BackwardArgs {
   acc_t* dweight_partials;  // (blocks, padded cols), zeroed by the kernel; null when not wanted
   acc_t* dbias_partials;    // likewise
   int64_t rows, cols, padded_cols, blocks, rows_per_block;
+  bool stream_dx;  // streaming stores for dx (see streaming_output)
 };
 
 // Adds `group` into `total` and clears it: n acc_t, a whole number of vectors.
@@ -268,12 +345,13 @@ void norm_backward_kernel(const BackwardArgs<scalar_t>& a) {
         // Pass 2: dx, from the row still in L1/L2.
         scalar_t* dx_row = a.dx + r * n;
         const scalar_t* dres_row = a.d_residual_out ? a.d_residual_out + r * n : nullptr;
+        const bool stream = a.stream_dx && L::stream_aligned(dx_row);
         for_each_vector<W>(n, [&](auto, int64_t i, int64_t count) {
           const Vec xhat = (L::load(h_row + i, count) - vmean) * vrstd;
           const Vec g = L::load(dy_row + i, count) * Vec::loadu(a.scale + i);
           Vec dxv = (g - mean_g - xhat * mean_g_xhat) * vrstd;
           if (dres_row) dxv = dxv + L::load(dres_row + i, count);
-          L::store(dx_row + i, dxv, count);
+          L::store(dx_row + i, dxv, count, stream);
         });
 
         if ((r - row_begin + 1) % kRowsPerGroup == 0 || r + 1 == row_end) {
@@ -282,6 +360,7 @@ void norm_backward_kernel(const BackwardArgs<scalar_t>& a) {
         }
       }
     }
+    if (a.stream_dx) streaming_fence();
   });
 }
 
@@ -368,6 +447,11 @@ int64_t padded_length(int64_t cols) {
 
 }  // namespace
 
+int64_t set_streaming_store_threshold(int64_t bytes) {
+  TORCH_CHECK(bytes >= -1, "set_streaming_store_threshold: bytes must be >= 0, or -1 for automatic, got ", bytes);
+  return streaming_threshold.exchange(bytes);
+}
+
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> norm_forward(
     const torch::Tensor& x, const std::optional<torch::Tensor>& residual, const std::optional<torch::Tensor>& weight,
     const std::optional<torch::Tensor>& bias, double eps, double offset, bool rms) {
@@ -397,7 +481,8 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> norm_forw
         residual.has_value() ? residual->data_ptr<scalar_t>() : nullptr,
         residual.has_value() ? residual_out.data_ptr<scalar_t>() : nullptr,
         scale.data(), shift.data(), y.data_ptr<scalar_t>(),
-        rms ? nullptr : mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), rows, cols, static_cast<acc_t>(eps)};
+        rms ? nullptr : mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), rows, cols, static_cast<acc_t>(eps),
+        streaming_output(y.nbytes())};
     rms ? norm_forward_kernel<scalar_t, true>(args) : norm_forward_kernel<scalar_t, false>(args);
   });
   return {y, residual_out, mean, rstd};
@@ -443,7 +528,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_backward(
         d_residual_out.has_value() ? d_residual_out->data_ptr<scalar_t>() : nullptr,
         h.data_ptr<scalar_t>(), scale.data(), rms ? nullptr : mean.data_ptr<acc_t>(),
         rstd.data_ptr<acc_t>(), dx.data_ptr<scalar_t>(), dweight_partials.get(), dbias_partials.get(),
-        rows, cols, padded, blocks, rows_per_block};
+        rows, cols, padded, blocks, rows_per_block, streaming_output(dx.nbytes())};
     rms ? norm_backward_kernel<scalar_t, true>(args) : norm_backward_kernel<scalar_t, false>(args);
     if (want_weight_grad) sum_partials(dweight_partials.get(), blocks, padded, cols, dweight.data_ptr<acc_t>());
     if (want_bias_grad) sum_partials(dbias_partials.get(), blocks, padded, cols, dbias.data_ptr<acc_t>());

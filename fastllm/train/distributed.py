@@ -25,11 +25,36 @@ class DistContext:
     def enabled(self) -> bool:
         return self.world_size > 1
 
+    def _in_place(self, collective, t: torch.Tensor, *args) -> torch.Tensor:
+        """Run collective(t, *args) on t in place; t may sit off the process's device (nccl takes only CUDA
+        tensors): it then goes through a copy there and back."""
+        if t.device == self.device:
+            collective(t, *args)
+        else:
+            on_device = t.to(self.device)
+            collective(on_device, *args)
+            t.copy_(on_device)
+        return t
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         # ReduceOp.AVG exists only on NCCL; SUM works on gloo too.
         if self.enabled:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            self._in_place(dist.all_reduce, t, dist.ReduceOp.SUM)
         return t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            self._in_place(dist.all_reduce, t, dist.ReduceOp.MAX)
+        return t
+
+    @torch.no_grad()
+    def broadcast_module(self, module: torch.nn.Module, src: int = 0) -> torch.nn.Module:
+        """Overwrite the module's parameters and buffers with rank src's, as DDP does when it wraps a model: the
+        processes then start from the same weights even where each built or seeded its own."""
+        if self.enabled:
+            for t in [*module.parameters(), *module.buffers()]:
+                self._in_place(dist.broadcast, t.data, src)
+        return module
 
     def gather_objects(self, obj) -> list:
         """[obj of rank 0, obj of rank 1, ...] on every rank (pickled between our own processes only)."""

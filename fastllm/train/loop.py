@@ -90,6 +90,20 @@ def autocast_context(device: torch.device, precision: str):
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def warn_changed_settings(path, state: dict, config: dict, dist, ignore=(), stacklevel: int = 4) -> None:
+    """Warn (rank 0) when a run resumes from `path` with settings or a process count other than it was saved
+    with: it continues, but will not match an uninterrupted run (the data order depends on both). `ignore`:
+    settings the caller knows make no difference."""
+    saved = state.get("config", {})
+    skip = {"resume", "progress", "plot", "device", *ignore}
+    changed = {k: (saved[k], v) for k, v in config.items() if k in saved and saved[k] != v and k not in skip}
+    if state.get("world_size", 1) != dist.world_size:
+        changed["world_size"] = (state.get("world_size", 1), dist.world_size)
+    if changed and dist.is_main:
+        warnings.warn(f"resuming {path} with changed settings {changed} (saved, now): the run will not "
+                      f"match an uninterrupted one", stacklevel=stacklevel)
+
+
 class Trainer:
     def __init__(self, model: nn.Module, config: TrainConfig, train_data, val_data=None, *, loss_fn=None,
                  dist: DistContext | None = None, extra_files: dict[str, str] | None = None,
@@ -146,14 +160,7 @@ class Trainer:
         self.tokens_seen = state.get("tokens_seen", 0)
         self.last_checkpoint = ckpt.path
         self._saved_step = self.step
-        saved = state.get("config", {})
-        changed = {k: (saved[k], v) for k, v in self.config.to_dict().items()
-                   if k in saved and saved[k] != v and k not in ("resume", "progress", "plot", "device")}
-        if state.get("world_size", 1) != self.dist.world_size:
-            changed["world_size"] = (state.get("world_size", 1), self.dist.world_size)
-        if changed and self.dist.is_main:
-            warnings.warn(f"resuming {ckpt.path} with changed settings {changed} (saved, now): the run will not "
-                          f"match an uninterrupted one", stacklevel=3)
+        warn_changed_settings(ckpt.path, state, self.config.to_dict(), self.dist)
         if state.get("data_index", self.step * self.config.grad_accum) != self.step * self.config.grad_accum:
             raise CheckpointError(f"{ckpt.path}: data_index {state['data_index']} is not step {self.step} x "
                                   f"grad_accum {self.config.grad_accum}; resume with the grad_accum it was saved with")

@@ -25,6 +25,10 @@ Every sequence runs packed (varlen attention, cu_seqlens): prompts of different 
 right-padded, and each sequence's positions start at 0 wherever it sits in the batch. All models stay in eval
 mode (dropout off: with dropout the ratio of identical weights would not be 1). The logits are divided by the
 sampling temperature in the rollout and in every recomputation.
+
+Under torchrun every process starts from rank 0's weights, rolls out its own batch_size prompts (disjoint slices
+of one shuffled order), and averages its gradients with the others' after each minibatch, so the weights stay
+identical on every rank; advantage whitening and the logged metrics cover all processes; rank 0 writes the files.
 """
 from __future__ import annotations
 
@@ -52,6 +56,7 @@ from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_
 from .config import _f, add_config_arguments, config_from_args
 from .distributed import DistContext, init_distributed
 from .log import MetricsLogger
+from .loop import warn_changed_settings
 from .optim import lr_at, param_groups, set_lr
 from .reward import ScalarHeadModel
 
@@ -329,6 +334,7 @@ class PPOTrainer:
         self.optimizer = _adamw(trained, cfg, cfg.lr)
         for m in self._models():
             m.eval()  # dropout off everywhere, for good: PPO never calls .train()
+            self.dist.broadcast_module(m)  # rank 0's weights everywhere (no DDP wrapper here to do it)
         self.step = 0
         self.kl_coef = cfg.kl_coef
         self.first_minibatch = None  # stats of the first minibatch of the first epoch of the latest step
@@ -382,6 +388,8 @@ class PPOTrainer:
         for name, opt in optimizers.items():
             ckpt.load_optimizer(opt, name)
         self.step, self.kl_coef = ckpt.state["step"], ckpt.state["kl_coef"]
+        # steps only extends the run: PPO's learning rate is constant after the warm-up
+        warn_changed_settings(ckpt.path, ckpt.state, self.config.to_dict(), self.dist, ignore=("steps",))
         self._saved_step = self.step
         self.last_checkpoint = ckpt.path
         self.logger.truncate_after(self.step)
@@ -521,8 +529,12 @@ class PPOTrainer:
                 for k, v in stats.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-        self.first_minibatch = first
-        return {k: v / count for k, v in sums.items()}
+        # Each rank averaged its own minibatches; the record is the mean over the ranks, the same on every rank.
+        keys, first_keys = sorted(sums), sorted(first)
+        means = torch.tensor([sums[k] / count for k in keys] + [first[k] for k in first_keys], dtype=torch.float64)
+        means = (self.dist.all_reduce_sum(means) / self.dist.world_size).tolist()
+        self.first_minibatch = dict(zip(first_keys, means[len(keys):]))
+        return dict(zip(keys, means[:len(keys)]))
 
     def _minibatch(self, r: Rollout, mb) -> dict:
         cfg = self.config
@@ -569,19 +581,21 @@ class PPOTrainer:
         mismatch = torch.cat([(a - b).abs() for a, b in zip(r.sample_logprobs, r.old_logprobs)]).max().item()
         totals = torch.tensor([r.raw_scores.sum().item(), r.scores.sum().item(), sum(x.sum().item() for x in k3),
                                sum(x.sum().item() for x in k1), float(sum(r.stopped)), float(tokens),
-                               float(len(r.responses)), min(x.min().item() for x in k3)], dtype=torch.float64)
-        mins = totals[7:].clone()
+                               float(len(r.responses))], dtype=torch.float64)
         self.dist.all_reduce_sum(totals)
+        # [largest mismatch, -smallest k3] over every rank's tokens
+        extremes = torch.tensor([mismatch, -min(x.min().item() for x in k3)], dtype=torch.float64)
+        self.dist.all_reduce_max(extremes)
         n = totals[6].item()
         kl_per_sequence = totals[2].item() / n
         record = {"reward": totals[0].item() / n, "score": totals[1].item() / n, "kl": kl_per_sequence,
-                  "kl_k1": totals[3].item() / n, "kl_k3_token_min": mins[0].item(), "eos_rate": totals[4].item() / n,
-                  "response_length": totals[5].item() / n, "kl_coef": self.kl_coef, "lr": lr,
-                  "logprob_mismatch": mismatch, **stats,
+                  "kl_k1": totals[3].item() / n, "kl_k3_token_min": -extremes[1].item(),
+                  "eos_rate": totals[4].item() / n, "response_length": totals[5].item() / n,
+                  "kl_coef": self.kl_coef, "lr": lr, "logprob_mismatch": extremes[0].item(), **stats,
                   "first_ratio": self.first_minibatch["ratio_mean"],
                   "first_clip_fraction": self.first_minibatch["clip_fraction"],
-                  "rollout_s": t1 - t0, "update_s": t2 - t1,
-                  "update_tokens_per_s": tokens * cfg.ppo_epochs / max(t2 - t1, 1e-9)}
+                  "rollout_s": t1 - t0, "update_s": t2 - t1,  # this rank's; the others ran alongside
+                  "update_tokens_per_s": totals[5].item() * cfg.ppo_epochs / max(t2 - t1, 1e-9)}
         if cfg.kl_target > 0:  # Ziegler et al.: proportional control of the KL, error clipped to +-20%
             error = max(-0.2, min(0.2, kl_per_sequence / cfg.kl_target - 1.0))
             self.kl_coef *= 1.0 + error * n / cfg.kl_horizon

@@ -209,3 +209,12 @@ def test_ppo_resume_continues_exactly(tmp_path, advantage):
     logged = [[r["reward"] for r in t.logger.records()] for t in (full, resumed)]
     assert logged[0] == logged[1] and len(logged[0]) == 4
     assert (tmp_path / "half" / "ppo.png").is_file()
+
+
+def test_ppo_resume_with_changed_settings_warns(tmp_path, recwarn):
+    kw = dict(steps=2, max_new_tokens=3)
+    PPOTrainer(tiny_gpt(), config(tmp_path, **kw), PROMPTS, reward_fn=bandit_reward).fit()
+    PPOTrainer(tiny_gpt(), config(tmp_path, **{**kw, "steps": 3}, resume=True), PROMPTS, reward_fn=bandit_reward)
+    assert not [w for w in recwarn if "changed settings" in str(w.message)]  # more steps only extend the run
+    with pytest.warns(UserWarning, match=r"changed settings \{'clip_eps': \(0.2, 0.3\)\}"):
+        PPOTrainer(tiny_gpt(), config(tmp_path, **kw, clip_eps=0.3, resume=True), PROMPTS, reward_fn=bandit_reward)

@@ -108,6 +108,34 @@ def test_hidden_16384(case, backend, device, dtype, param_dtype):
     check_case(case, backend, device, make_inputs((2, 16384), dtype, param_dtype))
 
 
+@pytest.fixture
+def streaming_stores():
+    """Every output of the C++ norm kernels written with streaming stores (by default only those larger than
+    most of the last-level cache are), so the streaming path meets every shape and dtype."""
+    from fastllm import _cpp
+
+    cpp = _cpp.load()
+    previous = cpp.set_streaming_store_threshold(0)
+    yield
+    cpp.set_streaming_store_threshold(previous)
+
+
+@pytest.mark.usefixtures("poison_outputs", "streaming_stores")
+@pytest.mark.parametrize("shape", [(5, 7), (3, 1000), (33, 64), (2, 9000)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS, ids=DTYPE_IDS)
+@pytest.mark.parametrize("case", ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm"])
+def test_cpp_streaming_stores_match_float64(case, dtype, param_dtype, shape):
+    """(33, 64): rows aligned for whole-vector streaming; the odd widths mix aligned and unaligned rows."""
+    check_case(case, "cpp", "cpu", make_inputs(shape, dtype, param_dtype))
+
+
+def test_streaming_store_threshold_rejects_bad_values():
+    from fastllm import _cpp
+
+    with pytest.raises(RuntimeError, match="bytes must be >= 0, or -1"):
+        _cpp.load().set_streaming_store_threshold(-2)
+
+
 # The two degenerate-row tests run on the kernel backends only: on CUDA the torch backend is torch's own GPU
 # layer_norm, whose Welford variance of a constant row is not 0 (1.6e-4 off on an H200, 240x torch's CPU error).
 @pytest.mark.usefixtures("poison_outputs")

@@ -1,0 +1,86 @@
+"""Run by test_ddp.py under `torchrun --nproc_per_node=2`: PPO and GRPO on a tiny GPT, recording what each rank
+drew and holds after every step.
+
+usage: ddp_ppo_worker.py OUT_DIR fresh|resume
+fresh: one process group shared by four runs: "ppo" (3 steps, a checkpoint after each), "half" (the same run
+stopped after 2 steps), "head" (a value head instead of a separate critic) and "grpo" (each rank builds its policy
+from a different seed, as a script seeding torch by rank would: the trainer must start every rank from rank 0's).
+resume: "half" continued to 3 steps from its checkpoint, the trainer joining the process group itself (as the CLI).
+Each rank writes OUT_DIR/{run}.rank{r}.pt; the runs' own files go to OUT_DIR/{run}/."""
+import os
+import sys
+
+import torch
+
+from fastllm.model import GPT, GPTConfig
+from fastllm.train.distributed import init_distributed
+from fastllm.train.ppo import PPOConfig, PPOTrainer
+
+PROMPTS = [[2 + i % 12] * (1 + i // 12) for i in range(36)]  # all distinct: a rollout's prompts name its draws
+TIMINGS = ("rollout_s", "update_s", "update_tokens_per_s")  # wall-clock, legitimately different per rank
+BASE = dict(batch_size=4, minibatch_size=2, ppo_epochs=2, max_new_tokens=3, lr=1e-2, critic_lr=1e-2, kl_coef=0.01,
+            kl_target=0.5, kl_horizon=100, checkpoint_interval=1, keep_checkpoints=3, progress=False, plot=False,
+            seed=3, device="cpu")
+
+
+def tiny_gpt(seed):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig.gpt2_style(vocab_size=16, block_size=32, n_layer=1, n_head=2, n_embd=32))
+
+
+def bandit_reward(prompt, response):
+    return float(response[0] < 4)
+
+
+class RecordingPPO(PPOTrainer):
+    """Keeps, per step, the prompt indices this rank drew, its trained parameters after the step and its record."""
+
+    def __init__(self, *args, **kw):
+        self.drawn, self.after_step, self.records = [], [], []
+        super().__init__(*args, **kw)
+
+    def trained_params(self) -> dict:
+        modules = {"policy": self.policy, "critic": self.critic, "value_head": self.value_head}
+        return {name: torch.cat([p.detach().flatten() for p in m.parameters()]).clone()
+                for name, m in modules.items() if m is not None}
+
+    def rollout(self):
+        r = super().rollout()
+        self.drawn.append(sorted({PROMPTS.index(p) for p in r.prompts}))
+        return r
+
+    def train_step(self):
+        record = super().train_step()
+        self.records.append({k: v for k, v in record.items() if k not in TIMINGS})
+        self.after_step.append(self.trained_params())
+        return record
+
+
+def run(out_dir, name, *, dist=None, seed=0, run_dir=None, **kw):
+    cfg = PPOConfig(out_dir=os.path.join(out_dir, run_dir or name), **{**BASE, **kw})
+    trainer = RecordingPPO(tiny_gpt(seed), cfg, PROMPTS, reward_fn=bandit_reward, dist=dist)
+    initial = trainer.trained_params()
+    summary = trainer.fit()
+    torch.save({"initial": initial, "drawn": trainer.drawn, "after_step": trainer.after_step,
+                "records": trainer.records, "summary": {k: v for k, v in summary.items() if k != "checkpoint"},
+                "world_size": trainer.dist.world_size},
+               os.path.join(out_dir, f"{name}.rank{trainer.dist.rank}.pt"))
+
+
+def main(out_dir, mode):
+    torch.set_num_threads(1)
+    if mode == "resume":
+        run(out_dir, "resumed", run_dir="half", steps=3, resume=True)
+        return
+    dist = init_distributed("cpu")
+    try:
+        run(out_dir, "ppo", dist=dist, steps=3)
+        run(out_dir, "half", dist=dist, steps=2)
+        run(out_dir, "head", dist=dist, steps=2, critic="head")
+        run(out_dir, "grpo", dist=dist, seed=dist.rank, steps=2, advantage="grpo", group_size=2)
+    finally:
+        dist.close()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,159 @@
+"""The alignment stages under torchrun with 2 processes (gloo on CPU): PPO and GRPO, which do their own gradient
+and metric all-reduces, step by step against the ranks' own records (ddp_ppo_worker.py), and DPO through the
+real command line (ddp_cli_worker.py) as a smoke test of the Trainer-based stages."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddp_ppo_worker import BASE, PROMPTS, tiny_gpt  # pytest puts this folder on sys.path
+from fastllm.train.chat import batch_indices
+from fastllm.train.checkpoint import load_checkpoint
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+TIMEOUT_S = 240
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script, *args):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(HERE / script), *map(str, args)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: torchrun passes it on to its workers (SIGKILL would orphan them)
+        out, _ = proc.communicate(timeout=60)
+        pytest.fail(f"torchrun timed out after {TIMEOUT_S} s:\n{out[-3000:]}")
+    assert proc.returncode == 0, out[-3000:]
+
+
+def ranks(out_dir, name):
+    return [torch.load(out_dir / f"{name}.rank{r}.pt") for r in range(2)]
+
+
+def assert_ranks_identical(r0, r1, steps):
+    """Every step left bit-identical trained parameters (and each step moved them) and identical records."""
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert len(r0["after_step"]) == len(r1["after_step"]) == steps
+    previous = r0["initial"]
+    for step, (a, b) in enumerate(zip(r0["after_step"], r1["after_step"])):
+        assert a.keys() == b.keys() == previous.keys()
+        for name in a:
+            assert torch.equal(a[name], b[name]), (step, name)
+            assert not torch.equal(a[name], previous[name]), (step, name)  # it trained: the check is not vacuous
+        previous = a
+    # The logged metrics are the whole batch's (all-reduced), not rank 0's share of it.
+    assert r0["records"] == r1["records"]
+    for key in ("reward", "kl", "policy_loss", "entropy", "clip_fraction", "grad_norm", "logprob_mismatch"):
+        assert key in r0["records"][0], key
+
+
+def assert_disjoint_shards(r0, r1, steps):
+    """At each step the ranks drew disjoint prompts, together the 1-process draw of the doubled batch."""
+    for step in range(steps):
+        a, b = r0["drawn"][step], r1["drawn"][step]
+        assert len(a) == len(b) == BASE["batch_size"] and not set(a) & set(b), (step, a, b)
+        assert sorted(a + b) == sorted(batch_indices(len(PROMPTS), step, 2 * BASE["batch_size"], BASE["seed"])), step
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp_ppo")
+    torchrun("ddp_ppo_worker.py", out, "fresh")
+    return out
+
+
+def test_ppo_ranks_stay_identical_on_disjoint_prompts(ppo_runs):
+    r0, r1 = ranks(ppo_runs, "ppo")
+    assert_disjoint_shards(r0, r1, 3)
+    assert_ranks_identical(r0, r1, 3)
+    assert r0["initial"].keys() == {"policy", "critic"}
+    # Only rank 0 wrote: one log line per step, equal to what every rank computed, and one checkpoint per step.
+    logged = [json.loads(line) for line in open(ppo_runs / "ppo" / "ppo.jsonl")]
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    for line, record in zip(logged, r0["records"]):
+        assert {k: line[k] for k in record} == record
+    assert sorted(p.name for p in (ppo_runs / "ppo" / "checkpoints").glob("step_*")) == [
+        f"step_{s:08d}" for s in (1, 2, 3)]
+    ckpt = load_checkpoint(ppo_runs / "ppo")
+    assert ckpt.step == 3 and ckpt.state["world_size"] == 2
+    policy = tiny_gpt(0)
+    ckpt.load_model(policy)
+    assert torch.equal(torch.cat([p.flatten() for p in policy.parameters()]), r0["after_step"][-1]["policy"])
+
+
+def test_ppo_value_head_ranks_stay_identical(ppo_runs):
+    r0, r1 = ranks(ppo_runs, "head")
+    assert r0["initial"].keys() == {"policy", "value_head"}
+    assert_disjoint_shards(r0, r1, 2)
+    assert_ranks_identical(r0, r1, 2)
+
+
+def test_grpo_starts_every_rank_from_rank0_weights_and_stays_identical(ppo_runs):
+    r0, r1 = ranks(ppo_runs, "grpo")
+    rank0_init = torch.cat([p.detach().flatten() for p in tiny_gpt(0).parameters()])
+    assert not torch.equal(rank0_init, torch.cat([p.detach().flatten() for p in tiny_gpt(1).parameters()]))
+    assert torch.equal(r0["initial"]["policy"], rank0_init) and torch.equal(r1["initial"]["policy"], rank0_init)
+    assert r0["initial"].keys() == {"policy"}  # GRPO has no critic
+    assert_disjoint_shards(r0, r1, 2)
+    assert_ranks_identical(r0, r1, 2)
+
+
+def test_ppo_resume_under_torchrun_continues_exactly(ppo_runs):
+    torchrun("ddp_ppo_worker.py", ppo_runs, "resume")
+    full, resumed = ranks(ppo_runs, "ppo"), ranks(ppo_runs, "resumed")
+    for r in range(2):
+        assert len(resumed[r]["after_step"]) == 1  # step 3 only: steps 1 and 2 came from the checkpoint
+        assert resumed[r]["drawn"] == full[r]["drawn"][2:]
+        for name, value in full[r]["after_step"][2].items():
+            assert torch.equal(resumed[r]["after_step"][0][name], value), (r, name)
+        assert resumed[r]["records"] == full[r]["records"][2:]
+        assert resumed[r]["summary"] == full[r]["summary"]  # with the adaptive KL coefficient
+    logged = [[json.loads(line)["reward"] for line in open(ppo_runs / run / "ppo.jsonl")] for run in ("ppo", "half")]
+    assert logged[0] == logged[1] and len(logged[0]) == 3
+
+
+# ------------------------------------------------------------------------------------------------ DPO via the CLI
+def test_dpo_cli_under_torchrun_ends_with_identical_ranks(tmp_path):
+    from fastllm.data import save_tokenizer, train_tokenizer
+    from fastllm.demo import AdditionTask
+    from fastllm.model import GPT, GPTConfig
+    from fastllm.train.chat import write_jsonl
+
+    task = AdditionTask(max_operand=5)
+    train, _ = task.split()
+    tok = train_tokenizer(["".join(f"{a}+{b}={a + b}\n" for a, b in task.all_prompts())] * 3, vocab_size=280)
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    GPT(GPTConfig.gpt2_style(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=1, n_head=2,
+                             n_embd=32)).save_pretrained(base)
+    save_tokenizer(tok, base / "tokenizer.json")
+    write_jsonl(tmp_path / "pairs.jsonl", task.preference_records(train))
+    torchrun("ddp_cli_worker.py", tmp_path / "report", "dpo", "--data", tmp_path / "pairs.jsonl", "--init", base,
+             "--out", tmp_path / "dpo", "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "0",
+             "--eval-interval", "0", "--eval-iters", "1", "--device", "cpu", "--no-progress", "--no-plot")
+    r0, r1 = ranks(tmp_path, "report")
+    assert r0.keys() == r1.keys()
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    exported = GPT.from_pretrained(tmp_path / "dpo" / "final")  # written by rank 0 alone
+    start = GPT.from_pretrained(base)
+    for (name, trained), final in zip(r0.items(), exported.parameters()):
+        assert torch.equal(trained, final), name
+    assert any(not torch.equal(a, b) for a, b in zip(exported.parameters(), start.parameters()))
+    train_records = [r for r in map(json.loads, open(tmp_path / "dpo" / "dpo.jsonl")) if r["kind"] == "train"]
+    assert [r["step"] for r in train_records] == [1, 2, 3]
