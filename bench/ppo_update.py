@@ -1,7 +1,7 @@
 """PPO update throughput and peak memory: the trainer on the fused linear-head losses vs on materialised logits.
 
-    python -m bench.ppo_update                               # vocab 32000, 256 wide, 16 x 64-token responses
-    python -m bench.ppo_update --vocab 50257 --rounds 5 --out /tmp/ppo_update.md
+    python -m bench.ppo_update                     # GPT-2 vocabulary, 256 wide, 16 x 64-token responses
+    python -m bench.ppo_update --vocab 128256 --rounds 3 --out /tmp/ppo_update.md
 
 Two PPOTrainers with identical weights and configuration but for PPOConfig.fused:
 
@@ -117,24 +117,24 @@ def format_report(report: dict, args, machine: dict | None = None, command: str 
         mem = ("n/a" if r["peak_mib"] is None or not mat["peak_mib"] else f"{r['peak_mib'] / mat['peak_mib']:.2f}x")
         rows.append([name, f"{r['median_s']:.3f}", f"{r['min_s']:.3f}", f"{r['tokens_per_s']:.0f}",
                      f"{mat['median_s'] / r['median_s']:.2f}x", peak, mem,
-                     f"{r['first_minibatch']['policy_loss']:.6f}"])
+                     f"{r['first_minibatch']['policy_loss']:.6g}"])
     lines.append(harness.markdown_table(header, rows, right_from=1))
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m bench.ppo_update", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--vocab", type=int, default=50257)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--batch", type=int, default=16, help="prompts in the rollout")
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--response-len", type=int, default=64)
-    parser.add_argument("--minibatch", type=int, default=8)
+    parser.add_argument("--minibatch", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--critic", default="separate", choices=("separate", "head"))
-    parser.add_argument("--rounds", type=int, default=7, help="timed updates per variant")
+    parser.add_argument("--rounds", type=int, default=5, help="timed updates per variant")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="also write the markdown report here")

@@ -2,10 +2,6 @@
 and metric all-reduces, step by step against the ranks' own records (ddp_ppo_worker.py), and DPO through the
 real command line (ddp_cli_worker.py) as a smoke test of the Trainer-based stages."""
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,31 +10,14 @@ import torch
 from ddp_ppo_worker import BASE, PROMPTS, tiny_gpt  # pytest puts this folder on sys.path
 from fastllm.train.chat import batch_indices
 from fastllm.train.checkpoint import load_checkpoint
+from torchrun_launch import torchrun as launch
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 TIMEOUT_S = 240
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(script, *args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(HERE / script), *map(str, args)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # SIGTERM: torchrun passes it on to its workers (SIGKILL would orphan them)
-        out, _ = proc.communicate(timeout=60)
-        pytest.fail(f"torchrun timed out after {TIMEOUT_S} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
+    launch(HERE / script, *args, timeout_s=TIMEOUT_S)
 
 
 def ranks(out_dir, name):

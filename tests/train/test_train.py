@@ -1,10 +1,6 @@
 """The training loop on a tiny model and an in-memory batch source (no fastllm.model/data needed)."""
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +11,9 @@ from fastllm.train import (CheckpointError, TrainConfig, Trainer, TrainingDiverg
                            load_checkpoint, lr_at, param_groups, save_checkpoint)
 from fastllm.train.log import MetricsLogger
 from tiny import Batches, TinyLM, make_tokens, poisoned_loss
+from torchrun_launch import torchrun
 
 HERE = Path(__file__).parent
-REPO = HERE.parent.parent
 
 
 def config(tmp_path, **kw):
@@ -273,25 +269,8 @@ def test_logger_truncate_and_csv_union_of_keys(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ DDP
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(HERE / "ddp_worker.py"), *map(str, args)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.terminate()  # SIGTERM: torchrun passes it on to its workers (SIGKILL would orphan them)
-        out, _ = proc.communicate(timeout=60)
-        pytest.fail(f"torchrun timed out after 300 s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
+    torchrun(HERE / "ddp_worker.py", *args)
 
 
 def test_ddp_two_processes_match_one_process_with_double_batch(tmp_path):
