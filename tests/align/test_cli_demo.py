@@ -4,11 +4,9 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from fastllm.data import save_tokenizer, train_tokenizer
+from fastllm.data import train_tokenizer
 from fastllm.demo import AdditionTask
-from fastllm.model import GPT, GPTConfig
 from fastllm.cli import main as fastllm_cli
 from fastllm.train import ppo
 from fastllm.train.chat import write_jsonl
@@ -19,15 +17,8 @@ def exact_sum(prompt, response):  # importable reward function for --reward-fn
     return AdditionTask.reward(prompt, response)
 
 
-def test_stage_clis_chain(tmp_path, capsys):
-    task = AdditionTask(max_operand=5)
-    train, _ = task.split()
-    tok = train_tokenizer(["".join(f"{a}+{b}={a + b}\n" for a, b in task.all_prompts())] * 3, vocab_size=280)
-    base = tmp_path / "base"
-    torch.manual_seed(0)
-    GPT(GPTConfig.gpt2_style(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=1, n_head=2,
-                             n_embd=32)).save_pretrained(base)
-    save_tokenizer(tok, base / "tokenizer.json")
+def test_stage_clis_chain(tmp_path, capsys, addition_setup):
+    task, train, base = addition_setup
     write_jsonl(tmp_path / "sft.jsonl", task.sft_records(train))
     write_jsonl(tmp_path / "pairs.jsonl", task.preference_records(train))
     write_jsonl(tmp_path / "prompts.jsonl", task.prompt_records(train))

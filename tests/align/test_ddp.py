@@ -107,20 +107,11 @@ def test_ppo_resume_under_torchrun_continues_exactly(ppo_runs):
 
 
 # ------------------------------------------------------------------------------------------------ DPO via the CLI
-def test_dpo_cli_under_torchrun_ends_with_identical_ranks(tmp_path):
-    from fastllm.data import save_tokenizer, train_tokenizer
-    from fastllm.demo import AdditionTask
-    from fastllm.model import GPT, GPTConfig
+def test_dpo_cli_under_torchrun_ends_with_identical_ranks(tmp_path, addition_setup):
+    from fastllm.model import GPT
     from fastllm.train.chat import write_jsonl
 
-    task = AdditionTask(max_operand=5)
-    train, _ = task.split()
-    tok = train_tokenizer(["".join(f"{a}+{b}={a + b}\n" for a, b in task.all_prompts())] * 3, vocab_size=280)
-    base = tmp_path / "base"
-    torch.manual_seed(0)
-    GPT(GPTConfig.gpt2_style(vocab_size=tok.get_vocab_size(), block_size=32, n_layer=1, n_head=2,
-                             n_embd=32)).save_pretrained(base)
-    save_tokenizer(tok, base / "tokenizer.json")
+    task, train, base = addition_setup
     write_jsonl(tmp_path / "pairs.jsonl", task.preference_records(train))
     torchrun("ddp_cli_worker.py", tmp_path / "report", "dpo", "--data", tmp_path / "pairs.jsonl", "--init", base,
              "--out", tmp_path / "dpo", "--steps", "3", "--batch-size", "4", "--lr", "1e-2", "--warmup-steps", "0",
