@@ -40,6 +40,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <sys/mman.h>
 #include <unistd.h>
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -156,7 +157,8 @@ inline void streaming_fence() {
 // Whether an output of `bytes` is written with streaming (non-temporal) stores: when it is larger than most
 // of the last-level cache, it would not stay cached for its consumer anyway, and a normal store first reads
 // each line in (a third more DRAM traffic for y = f(x), a quarter more for dx = f(x, dy)). glibc's memcpy
-// switches to streaming stores at a similar size. Outputs that fit stay cache-resident for the next op.
+// switches to streaming stores at a similar size. Outputs that fit stay cache-resident for the next op, and
+// outputs on pages not yet mapped in are written normally (see page_resident).
 std::atomic<int64_t> streaming_threshold{-1};  // -1: automatic (set_streaming_store_threshold)
 
 // Bytes of the level-3 cache that CPU 0 shares with its neighbours, from Linux's sysfs; 0 if unknown. Not
@@ -176,14 +178,28 @@ int64_t shared_l3_bytes() {
   return 0;
 }
 
-bool streaming_output(int64_t bytes) {
+// Whether the memory page holding `address` is already mapped in (mincore). A freshly mmapped output is not:
+// the first write to each page faults, and the kernel zeroes the page through the cache, after which a
+// normal store hits in cache and a streaming one must evict the line first (measured: LayerNorm 8192x1024
+// fp32 fwd+bwd 0.86x eager with streaming stores on fresh pages, 1.25-1.46x on reused ones).
+bool page_resident(const void* address) {
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  unsigned char resident = 0;
+  void* start = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(address) & ~(page - 1));
+  return mincore(start, 1, &resident) == 0 && (resident & 1);
+}
+
+bool streaming_output(const torch::Tensor& out) {
   static const int64_t automatic = [] {
     int64_t l3 = shared_l3_bytes();
     if (l3 <= 0) l3 = static_cast<int64_t>(sysconf(_SC_LEVEL3_CACHE_SIZE));
     return l3 > 0 ? l3 * 3 / 4 : int64_t(24) << 20;
   }();
   const int64_t threshold = streaming_threshold.load(std::memory_order_relaxed);
-  return bytes >= (threshold < 0 ? automatic : threshold);
+  const int64_t bytes = static_cast<int64_t>(out.nbytes());
+  if (bytes == 0 || bytes < (threshold < 0 ? automatic : threshold)) return false;
+  const auto* first = static_cast<const char*>(out.data_ptr());
+  return page_resident(first) && page_resident(first + bytes - 1);
 }
 
 // Vectors handled per step of a row loop, each summing into its own accumulator: one chain of dependent
@@ -528,7 +544,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> norm_forw
         residual.has_value() ? residual_out.data_ptr<scalar_t>() : nullptr,
         scale.data(), shift.data(), y.data_ptr<scalar_t>(),
         rms ? nullptr : mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), rows, cols, static_cast<acc_t>(eps),
-        streaming_output(y.nbytes())};
+        streaming_output(y)};
     rms ? norm_forward_kernel<scalar_t, true>(args) : norm_forward_kernel<scalar_t, false>(args);
   });
   return {y, residual_out, mean, rstd};
@@ -574,7 +590,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_backward(
         d_residual_out.has_value() ? d_residual_out->data_ptr<scalar_t>() : nullptr,
         h.data_ptr<scalar_t>(), scale.data(), rms ? nullptr : mean.data_ptr<acc_t>(),
         rstd.data_ptr<acc_t>(), dx.data_ptr<scalar_t>(), dweight_partials.get(), dbias_partials.get(),
-        rows, cols, padded, blocks, rows_per_block, streaming_output(dx.nbytes())};
+        rows, cols, padded, blocks, rows_per_block, streaming_output(dx)};
     rms ? norm_backward_kernel<scalar_t, true>(args) : norm_backward_kernel<scalar_t, false>(args);
     if (want_weight_grad) sum_partials(dweight_partials.get(), blocks, padded, cols, dweight.data_ptr<acc_t>());
     if (want_bias_grad) sum_partials(dbias_partials.get(), blocks, padded, cols, dbias.data_ptr<acc_t>());
