@@ -34,13 +34,14 @@ def time_alternating(calls: dict, runs: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def run(op: str, shape: str, dtype: str, variant: str, allocator: str, repeats: int, runs: int) -> list[dict]:
+def run(op: str, shape: str, dtype: str, variant: str, allocator: str, repeats: int, runs: int,
+        quick: bool = False) -> list[dict]:
     if allocator == "recycled":
         harness.recycle_heap_allocations()
     else:
         harness.mmap_large_allocations()
     device = torch.device("cpu")
-    matches = [case for _, case in select_cases(device, False, [op])
+    matches = [case for _, case in select_cases(device, quick, [op])
                if case.shape == shape and harness.dtype_name(case.dtype) == dtype]
     if not matches:
         raise SystemExit(f"no case {op} {shape} {dtype} (see python -m bench.run --help)")
@@ -66,8 +67,11 @@ def main(argv=None) -> int:
                         help="as bench.run --allocator (default recycled: the kernels' own time)")
     parser.add_argument("--repeats", type=int, default=5, help="independent medians of the ratio (default 5)")
     parser.add_argument("--runs", type=int, default=55, help="alternating rounds per repeat (default 55)")
+    parser.add_argument("--quick", action="store_true", help="choose among bench.run --quick's small cases")
     args = parser.parse_args(argv)
-    rows = run(args.op, args.shape, args.dtype, args.variant, args.allocator, args.repeats, args.runs)
+    if args.repeats < 1 or args.runs < 1:
+        parser.error("--repeats and --runs must be >= 1")
+    rows = run(args.op, args.shape, args.dtype, args.variant, args.allocator, args.repeats, args.runs, args.quick)
     print(f"{args.op} {args.shape} {args.dtype}, fwd+bwd, {args.allocator} memory, {torch.get_num_threads()} threads, "
           f"{args.runs} alternating runs per repeat")
     for i, row in enumerate(rows):

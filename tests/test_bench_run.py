@@ -1,4 +1,4 @@
-"""bench.run end to end on one small case, in both allocator regimes (in a subprocess: mallopt is process-wide)."""
+"""bench.run and bench.interleaved end to end on one small case (in subprocesses: mallopt is process-wide)."""
 import json
 import os
 import subprocess
@@ -30,3 +30,19 @@ def test_bench_run_quick_layer_norm(tmp_path, allocator):
     text = results_md.read_text()
     assert f"<!-- bench:{key} -->" in text and f"<!-- /bench:{key} -->" in text
     assert ("recycled memory" in text) == (allocator == "recycled")
+
+
+def test_bench_interleaved_quick_layer_norm():
+    cmd = [sys.executable, "-m", "bench.interleaved", "norm.layer_norm", "256x1024", "float32", "--quick",
+           "--repeats", "2", "--runs", "3"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("repeat ") for line in lines) == 2
+    assert lines[-1].startswith("speedup median ") and lines[-1].endswith("x")
+
+
+def test_bench_interleaved_names_a_missing_case():
+    cmd = [sys.executable, "-m", "bench.interleaved", "norm.layer_norm", "3x3", "float32"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no case norm.layer_norm 3x3 float32" in proc.stderr
