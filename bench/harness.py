@@ -168,6 +168,21 @@ def recycle_heap_allocations() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
+ALLOCATOR_REGIMES = ("fresh", "recycled")
+
+
+def use_allocator(regime: str) -> str:
+    """Put glibc in one of ALLOCATOR_REGIMES for the rest of the process; returns the line the report prints."""
+    if regime == "recycled":
+        if recycle_heap_allocations():
+            return ("glibc: every allocation from the heap, freed pages kept and reused (no first-touch page "
+                    "faults after a variant's first run; memory: see the fresh-pages section)")
+        return "mallopt unavailable: the default glibc policy"
+    if mmap_large_allocations():  # every variant pays for fresh pages alike (see there)
+        return "glibc: allocations >= 1 MiB mmapped, returned on free (every run pays for fresh pages)"
+    return "mallopt unavailable: heap reuse may favour one variant"
+
+
 class PeakMemory:
     """`with PeakMemory(device) as peak:` ... then peak.extra_bytes: the most allocated in the block above
     what was live when it began; None where this cannot be measured (CPU without /proc/self/clear_refs)."""

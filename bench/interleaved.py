@@ -36,10 +36,7 @@ def time_alternating(calls: dict, runs: int) -> dict[str, float]:
 
 def run(op: str, shape: str, dtype: str, variant: str, allocator: str, repeats: int, runs: int,
         quick: bool = False) -> list[dict]:
-    if allocator == "recycled":
-        harness.recycle_heap_allocations()
-    else:
-        harness.mmap_large_allocations()
+    harness.use_allocator(allocator)
     device = torch.device("cpu")
     matches = [case for _, case in select_cases(device, quick, [op])
                if case.shape == shape and harness.dtype_name(case.dtype) == dtype]
@@ -63,7 +60,7 @@ def main(argv=None) -> int:
     parser.add_argument("shape", help="the case's shape label, e.g. 8192x1024")
     parser.add_argument("dtype", help="float32, bfloat16, ...")
     parser.add_argument("--variant", default=DEFAULT_VARIANT, help=f"compared with eager (default {DEFAULT_VARIANT})")
-    parser.add_argument("--allocator", choices=["fresh", "recycled"], default="recycled",
+    parser.add_argument("--allocator", choices=harness.ALLOCATOR_REGIMES, default="recycled",
                         help="as bench.run --allocator (default recycled: the kernels' own time)")
     parser.add_argument("--repeats", type=int, default=5, help="independent medians of the ratio (default 5)")
     parser.add_argument("--runs", type=int, default=55, help="alternating rounds per repeat (default 55)")

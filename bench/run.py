@@ -42,7 +42,7 @@ def parse_args(argv):
                                              "OUT/RESULTS.md with --quick so smoke runs leave it alone)")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="start no new case after this many seconds; the rest are listed as not run")
-    parser.add_argument("--allocator", choices=["fresh", "recycled"], default="fresh",
+    parser.add_argument("--allocator", choices=harness.ALLOCATOR_REGIMES, default="fresh",
                         help="CPU: fresh = every allocation >= 1 MiB is a new mmap (every variant pays its page "
                              "faults; peak memory measured); recycled = freed memory is reused (the kernels' "
                              "own time, no first-touch faults; memory not measured). Each regime has its own "
@@ -108,15 +108,8 @@ def main(argv=None):
 
     selected = select_cases(device, args.quick, args.ops.split(",") if args.ops else None)
     if args.allocator == "recycled" and device.type == "cpu":
-        settings = dataclasses.replace(settings, cpu_memory=False)
-        recycled = harness.recycle_heap_allocations()  # the kernels' own time (see there)
-        allocator = ("glibc: every allocation from the heap, freed pages kept and reused (no first-touch page "
-                     "faults after a variant's first run; memory: see the fresh-pages section)" if recycled
-                     else "mallopt unavailable: the default glibc policy")
-    else:
-        mmapped = harness.mmap_large_allocations()  # every variant pays for fresh pages alike (see there)
-        allocator = ("glibc: allocations >= 1 MiB mmapped, returned on free (every run pays for fresh pages)"
-                     if mmapped else "mallopt unavailable: heap reuse may favour one variant")
+        settings = dataclasses.replace(settings, cpu_memory=False)  # RSS keeps freed pages: time only
+    allocator = harness.use_allocator(args.allocator)
     machine = harness.Machine.measure(device, settings)
     info = harness.describe_machine(machine)
     info["allocator"] = allocator
