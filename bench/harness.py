@@ -217,6 +217,31 @@ class PeakMemory:
             self.extra_bytes = _proc_status_bytes("VmHWM") - self._before
 
 
+def time_rotating(calls: dict[str, Callable[[], Any]], rounds: int, *, warmup: int = 0,
+                  peaks: Optional[dict[str, list]] = None) -> dict[str, list[float]]:
+    """Per name, the seconds of each timed call. The calls run in rounds whose order rotates (A B C, B C A,
+    ...), so drift in the machine's speed lands on every variant alike; the first `warmup` rounds are not
+    timed. With `peaks` (CPU), each timed call also appends its peak extra bytes (PeakMemory, entered outside
+    the timing) to peaks[name] where the peak can be measured."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    cpu = torch.device("cpu")
+    for i in range(warmup + rounds):
+        shift = i % len(names)
+        for name in names[shift:] + names[:shift]:
+            timed = i >= warmup
+            probe = PeakMemory(cpu) if timed and peaks is not None else contextlib.nullcontext()
+            with probe:
+                start = time.perf_counter()
+                calls[name]()
+                elapsed = time.perf_counter() - start
+            if timed:
+                times[name].append(elapsed)
+                if peaks is not None and probe.extra_bytes is not None:
+                    peaks.setdefault(name, []).append(probe.extra_bytes)
+    return times
+
+
 def median_ms_and_peak_mib(fn: Callable[[], Any], device: torch.device, settings: Settings
                            ) -> tuple[float, Optional[float]]:
     """Median time of fn() in ms and its peak extra memory in MiB (see the module docstring)."""

@@ -20,11 +20,10 @@ import argparse
 import shlex
 import statistics
 import sys
-import time
 
 import torch
 
-from bench.harness import MiB, PeakMemory, mmap_large_allocations
+from bench.harness import MiB, mmap_large_allocations, time_rotating
 
 
 def parse_args(argv):
@@ -80,17 +79,10 @@ def run(args):
     for name, model in models.items():
         for _ in range(args.warmup):
             losses[name] = train_step(model, input_ids)
-    times = {name: [] for name in models}
-    peaks = {name: [] for name in models}
     names = list(models)
-    for step in range(args.steps):
-        for name in names[step % len(names):] + names[:step % len(names)]:  # rotate who goes first
-            with PeakMemory(torch.device("cpu")) as peak:
-                start = time.perf_counter()
-                train_step(models[name], input_ids)
-                times[name].append(time.perf_counter() - start)
-            if peak.extra_bytes is not None:
-                peaks[name].append(peak.extra_bytes)
+    peaks = {name: [] for name in models}
+    times = time_rotating({name: (lambda m=models[name]: train_step(m, input_ids)) for name in names}, args.steps,
+                          peaks=peaks)
     tokens = args.batch * args.seq
     rows = []
     base_time, base_peak = statistics.median(times["transformers"]), max(peaks["transformers"], default=None)

@@ -3,8 +3,8 @@
     python -m bench.interleaved norm.layer_norm 8192x1024 float32 --allocator recycled --repeats 5
 
 bench.run times all runs of one variant, then all runs of the next; on a shared machine whose bandwidth drifts
-(other tenants) that moves a ratio by +-10%. Here the variants' forward+backward calls alternate (A B A B ...),
-so drift lands on both alike. Each repeat reports the median of its runs and their ratio; the repeats show how
+(other tenants) that moves a ratio by +-10%. Here the variants' forward+backward calls alternate, who goes
+first rotating each round (harness.time_rotating), so drift lands on both alike. Each repeat reports the median of its runs and their ratio; the repeats show how
 much the ratio itself moves. The case, its inputs and variants are bench.run's (bench/cases/<family>.py).
 """
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import torch
 
@@ -20,18 +19,6 @@ from bench import harness
 from bench.run import select_cases
 
 DEFAULT_VARIANT = "fastllm[cpp]"
-
-
-def time_alternating(calls: dict, runs: int) -> dict[str, float]:
-    """Median seconds of each call, the calls alternating for `runs` rounds (the first two rounds untimed)."""
-    times = {name: [] for name in calls}
-    for i in range(runs + 2):
-        for name, call in calls.items():
-            start = time.perf_counter()
-            call()
-            if i >= 2:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def run(op: str, shape: str, dtype: str, variant: str, allocator: str, repeats: int, runs: int,
@@ -48,7 +35,7 @@ def run(op: str, shape: str, dtype: str, variant: str, allocator: str, repeats: 
     calls = {name: p.forward_backward or p.forward for name, p in prepared.items()}
     rows = []
     for _ in range(repeats):
-        medians = time_alternating(calls, runs)
+        medians = {name: statistics.median(t) for name, t in harness.time_rotating(calls, runs, warmup=2).items()}
         rows.append({"medians_ms": {k: v * 1e3 for k, v in medians.items()},
                      "speedup": medians[harness.BASELINE] / medians[variant]})
     return rows

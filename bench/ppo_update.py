@@ -27,7 +27,6 @@ import shlex
 import statistics
 import sys
 import tempfile
-import time
 
 import torch
 
@@ -75,22 +74,14 @@ def run(args) -> dict:
         for name, trainer in trainers.items():  # warm-up; the first minibatch's stats compare the two losses
             trainer.update(rollout)
             first[name] = dict(trainer.first_minibatch)
-        times = {name: [] for name in VARIANTS}
         peaks = {name: [] for name in VARIANTS}
-        cpu = torch.device("cpu")
-        for i in range(args.rounds):
-            for name in VARIANTS[i % 2:] + VARIANTS[:i % 2]:
-                with harness.PeakMemory(cpu) as peak:
-                    start = time.perf_counter()
-                    trainers[name].update(rollout)
-                    times[name].append(time.perf_counter() - start)
-                if peak.extra_bytes is not None:
-                    peaks[name].append(peak.extra_bytes / harness.MiB)
+        times = harness.time_rotating({name: (lambda t=trainers[name]: t.update(rollout)) for name in VARIANTS},
+                                      args.rounds, peaks=peaks)
     variants = {}
     for name in VARIANTS:
         median = statistics.median(times[name])
         variants[name] = {"median_s": median, "min_s": min(times[name]), "tokens_per_s": tokens / median,
-                          "peak_mib": max(peaks[name]) if peaks[name] else None, "first_minibatch": first[name]}
+                          "peak_mib": max(peaks[name]) / harness.MiB if peaks[name] else None, "first_minibatch": first[name]}
     return {"variants": variants, "tokens": tokens, "mmapped": mmapped, "threads": torch.get_num_threads()}
 
 

@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import itertools
 import os
 import shlex
 import statistics
@@ -146,18 +147,13 @@ def make_batches(spec: ModelSpec, count: int = 4, seed: int = 0) -> list[torch.T
 
 def time_interleaved(runners: list[Runner], batches: list[torch.Tensor], steps: int, warmup: int
                      ) -> dict[str, list[float]]:
-    """Per variant, the wall time of each of `steps` steps (seconds), after `warmup` untimed rounds."""
-    times: dict[str, list[float]] = {r.name: [] for r in runners}
-    for i in range(warmup + steps):
-        shift = i % len(runners)
-        for runner in runners[shift:] + runners[:shift]:
-            batch = batches[i % len(batches)]
-            start = time.perf_counter()
-            runner.step(batch)
-            elapsed = time.perf_counter() - start
-            if i >= warmup:
-                times[runner.name].append(elapsed)
-    return times
+    """Per variant, the wall time of each of `steps` steps (seconds), after `warmup` untimed rounds; round i
+    gives every variant batch i (cyclically)."""
+    def stepper(runner):
+        batch_cycle = itertools.cycle(batches)
+        return lambda: runner.step(next(batch_cycle))
+
+    return harness.time_rotating({r.name: stepper(r) for r in runners}, steps, warmup=warmup)
 
 
 # ---------------------------------------------------------------------------------------------------------
