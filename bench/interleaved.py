@@ -4,8 +4,8 @@
 
 bench.run times all runs of one variant, then all runs of the next; on a shared machine whose bandwidth drifts
 (other tenants) that moves a ratio by +-10%. Here the variants' forward+backward calls alternate, who goes
-first rotating each round (harness.time_rotating), so drift lands on both alike. Each repeat reports the median of its runs and their ratio; the repeats show how
-much the ratio itself moves. The case, its inputs and variants are bench.run's (bench/cases/<family>.py).
+first rotating each round (harness.time_rotating), so drift lands on both alike. Each repeat reports the
+median of its runs and their ratio; the repeats show how much the ratio itself moves. The case, its inputs and variants are bench.run's (bench/cases/<family>.py).
 """
 from __future__ import annotations
 

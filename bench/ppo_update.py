@@ -80,8 +80,9 @@ def run(args) -> dict:
     variants = {}
     for name in VARIANTS:
         median = statistics.median(times[name])
+        peak = max(peaks[name]) / harness.MiB if peaks[name] else None
         variants[name] = {"median_s": median, "min_s": min(times[name]), "tokens_per_s": tokens / median,
-                          "peak_mib": max(peaks[name]) / harness.MiB if peaks[name] else None, "first_minibatch": first[name]}
+                          "peak_mib": peak, "first_minibatch": first[name]}
     return {"variants": variants, "tokens": tokens, "mmapped": mmapped, "threads": torch.get_num_threads()}
 
 

@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import time
 
 import torch
 import torch.nn as nn
@@ -152,9 +151,7 @@ def dpo(config: TrainConfig, *, data=None, init=None, model=None, ref_model=None
                                 "held_out": len(held), "beta": beta, "loss_type": loss_type})
     ref_model.to(trainer.device)
     before = preference_margin(model, held, ref_model) if held and trainer.dist.is_main else None
-    t0 = time.perf_counter()
     summary = trainer.fit()
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
     if trainer.dist.is_main:
         if held:
             after = preference_margin(model, held, ref_model)

@@ -236,6 +236,7 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg = self.config
+        started = time.perf_counter()
         if self.step == 0 and self.val_data is not None:
             self._eval_and_log()
         pbar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
@@ -277,7 +278,8 @@ class Trainer:
                 self.close()
         return {"step": self.step, **{k: v for k, v in last.items() if k in ("loss", "lr")},
                 **{k: v for k, v in self.last_eval.items() if k != "step"},
-                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+                "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "seconds": round(time.perf_counter() - started, 1)}
 
     def close(self) -> None:
         """Release the DDP wrapper, then (if this trainer created it) the process group. The order matters: a

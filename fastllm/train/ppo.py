@@ -604,6 +604,7 @@ class PPOTrainer:
 
     def fit(self) -> dict:
         cfg = self.config
+        started = time.perf_counter()
         pbar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and self.dist.is_main),
                     desc=f"{'grpo' if cfg.advantage == 'grpo' else 'ppo'}", dynamic_ncols=True)
         record, history = {}, []
@@ -625,7 +626,8 @@ class PPOTrainer:
             if self._owns_dist:
                 self.dist.close()
         return {"step": self.step, "reward": record.get("reward"), "kl": record.get("kl"),
-                "kl_coef": self.kl_coef, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+                "kl_coef": self.kl_coef, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+                "seconds": round(time.perf_counter() - started, 1)}
 
 
 def response_logprobs_from_hidden(hidden, weight, labels, temperature, fused, return_entropy=False):
@@ -703,9 +705,7 @@ def ppo(config: PPOConfig, *, prompts=None, init=None, policy=None, reward_model
     trainer = PPOTrainer(policy, config, prompts, reward_model=reward_model, reward_fn=reward_fn,
                          ref_model=ref_model, template=template,
                          extra_files={"tokenizer.json": str(tokenizer_path)} if tokenizer_path else None)
-    t0 = time.perf_counter()
     summary = trainer.fit()
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
     if trainer.dist.is_main:
         summary["final"] = str(export_model(policy, config.out_dir, tokenizer_path))
     summary["trainer"] = trainer

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -94,12 +93,10 @@ def pretrain(config: TrainConfig, *, data: str = "default", preset_args: argpars
         trainer = Trainer(model, config, train, val, dist=dist,
                           extra_files={"tokenizer.json": str(folder / meta["files"]["tokenizer"])},
                           run_info={"stage": "pretrain", "data": str(folder)})
-        t0 = time.perf_counter()
         try:
             summary = trainer.fit()
         finally:
             trainer.close()  # before dist.close(): see Trainer.close
-        summary["seconds"] = round(time.perf_counter() - t0, 1)
         if dist.is_main:
             evals = [r for r in trainer.logger.records() if r["kind"] == "eval"]
             if evals:

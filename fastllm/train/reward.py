@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -193,9 +192,7 @@ def train_reward_model(config: TrainConfig, *, data=None, init=None, model=None,
                       extra_files={"tokenizer.json": str(tokenizer_path)} if tokenizer_path else None,
                       run_info={"stage": "reward", "data": str(data), "init": str(init), "pairs": len(train),
                                 "held_out": len(held), "margin_scale": margin_scale})
-    t0 = time.perf_counter()
     summary = trainer.fit()
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
     if trainer.dist.is_main:
         summary["train_accuracy"] = pairwise_accuracy(model, train[:512])["accuracy"]
         if held:

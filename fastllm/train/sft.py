@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from .chat import (IGNORE_INDEX, ChatTemplate, SFTExample, batch_indices, export_model, find_tokenizer, load_gpt,
                    pack, read_sft, split_holdout)
@@ -82,9 +81,7 @@ def sft(config: TrainConfig, *, data=None, init=None, model=None, tokenizer=None
                       extra_files={"tokenizer.json": str(tokenizer_path)} if tokenizer_path else None,
                       run_info={"stage": "sft", "data": str(data), "init": str(init), "examples": len(train),
                                 "held_out": len(held)})
-    t0 = time.perf_counter()
     summary = trainer.fit()
-    summary["seconds"] = round(time.perf_counter() - t0, 1)
     if trainer.dist.is_main:
         summary["final"] = str(export_model(model, config.out_dir, tokenizer_path))
     return summary

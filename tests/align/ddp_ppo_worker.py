@@ -60,9 +60,9 @@ def run(out_dir, name, *, dist=None, seed=0, run_dir=None, **kw):
     cfg = PPOConfig(out_dir=os.path.join(out_dir, run_dir or name), **{**BASE, **kw})
     trainer = RecordingPPO(tiny_gpt(seed), cfg, PROMPTS, reward_fn=bandit_reward, dist=dist)
     initial = trainer.trained_params()
-    summary = trainer.fit()
+    summary = {k: v for k, v in trainer.fit().items() if k not in ("checkpoint", "seconds")}  # run-specific
     torch.save({"initial": initial, "drawn": trainer.drawn, "after_step": trainer.after_step,
-                "records": trainer.records, "summary": {k: v for k, v in summary.items() if k != "checkpoint"},
+                "records": trainer.records, "summary": summary,
                 "world_size": trainer.dist.world_size},
                os.path.join(out_dir, f"{name}.rank{trainer.dist.rank}.pt"))
 
