@@ -12,10 +12,12 @@
 Three parts, each optional:
   norm       every RMSNorm/LayerNorm module becomes fastllm.nn.RMSNorm/LayerNorm holding the SAME Parameter
              objects: state_dict keys, weight tying and optimizer references are unchanged.
-  attention  "fastllm" is registered in transformers' AttentionInterface (and its mask interface, with the sdpa
-             mask) and set as the model's attn_implementation. It runs fastllm.ops.attention; whatever that op
-             cannot express (an explicit mask from padding or packing, attention dropout, softcapping, sinks)
-             goes to transformers' sdpa, with one warning naming the reason.
+  attention  "fastllm" is registered in transformers' AttentionInterface (and its mask interface) and set as the
+             model's attn_implementation. Dense batches run fastllm.ops.attention; padded ones (left or right, in
+             training, prefill and decoding with a cache) and packed ones (position_ids restarting, or flash
+             attention's cu_seq_lens_q/k kwargs) run fastllm.ops.attention_varlen on the unpadded tokens. What
+             fastllm cannot express (a custom 4-D mask, attention dropout, softcapping, sinks) goes to
+             transformers' sdpa, with one warning naming the reason.
   loss       in training (labels given, model.training, grad enabled) the forward computes the causal-LM loss as
              fastllm.ops.linear_cross_entropy of the final hidden states and the LM head: the (tokens, vocab)
              logits are never materialised, and the output's logits are None. Labels are shifted as
@@ -31,14 +33,17 @@ import functools
 import importlib
 import inspect
 import warnings
+import weakref
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, modeling_outputs
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.loss.loss_utils import LOSS_MAPPING
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import (AttentionMaskInterface, causal_mask_function, find_packed_sequence_indices,
+                                       flash_attention_mask, sdpa_mask)
 from transformers.modeling_utils import AttentionInterface, slice_logits_to_keep
 
 from .. import nn as fastllm_nn
@@ -133,7 +138,7 @@ def _architecture_of(model, expected=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Attention: a function in transformers' AttentionInterface
+# Attention: a function in transformers' AttentionInterface, and the mask function it reads
 # ---------------------------------------------------------------------------------------------------------
 _warned = set()
 
@@ -144,12 +149,20 @@ def _warn_once(reason):
         warnings.warn(f"fastllm attention: {reason}; using transformers' sdpa for these calls", stacklevel=3)
 
 
-def _fallback_reason(query, key, value, attention_mask, dropout, kwargs):
-    """Why fastllm.ops.attention cannot compute this call exactly, or None."""
-    if attention_mask is not None:
-        # transformers drops the mask (None) whenever plain causal attention is exact; any mask that arrives
-        # carries padding, packed sequences or a sliding window that the keys exceed.
-        return "an explicit attention mask (padding, packed sequences or a sliding window)"
+def make_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+                        attention_mask=None, **kwargs):
+    """The mask transformers hands to attention_forward. For plain causal attention it is what flash attention
+    gets: the 2-D padding mask (batch, seen tokens), or None without padding, never a (tokens x tokens) tensor.
+    Any other pattern (packed sequences found from position_ids, sliding windows, custom mask functions) gets
+    sdpa's 4-D boolean mask, which attention_forward runs varlen when it is packed causal, else hands to sdpa."""
+    if mask_function is causal_mask_function:
+        return flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function,
+                                    attention_mask, **kwargs)
+    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, **kwargs)
+
+
+def _fallback_reason(query, key, value, dropout, kwargs):
+    """Why fastllm's attention ops cannot compute this call exactly, whatever its mask, or None."""
     if dropout:
         return f"attention dropout {dropout}"
     for name in ("softcap", "s_aux", "position_bias"):
@@ -164,35 +177,192 @@ def _fallback_reason(query, key, value, attention_mask, dropout, kwargs):
     return None
 
 
-def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
-                      **kwargs):
-    """transformers' attention-function signature over fastllm.ops.attention.
+def _offsets(lengths):
+    """(batch,) sequence lengths -> int32 (batch + 1,) offsets from 0, and the longest length as an int."""
+    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), int(lengths.max()) if lengths.numel() else 0
 
-    query: (batch, heads_q, seqlen_q, head_dim); key, value: (batch, heads_kv, seqlen_k, head_dim), heads_q a
-    multiple of heads_kv. Returns ((batch, seqlen_q, heads_q, head_dim), None): no attention weights.
-    """
-    reason = _fallback_reason(query, key, value, attention_mask, dropout, kwargs)
-    if reason is not None:
-        _warn_once(reason)
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
-    seqlen_q, seqlen_k = query.shape[2], key.shape[2]
-    causal = seqlen_q > 1 and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
+
+_mask_cache = {}  # kind -> (weakref to a mask, its version, key, what was derived from it)
+
+
+def _per_mask(kind, mask, key, derive):
+    """derive() once per mask object: every layer of a forward gets the same one, so the host syncs that read
+    the mask happen once per forward, not once per layer."""
+    entry = _mask_cache.get(kind)
+    if entry is not None and entry[0]() is mask and entry[1] == mask._version and entry[2] == key:
+        return entry[3]
+    value = derive()
+    _mask_cache[kind] = (weakref.ref(mask), mask._version, key, value)
+    return value
+
+
+class _PaddingPlan(NamedTuple):
+    """How a padded batch runs unpadded: the flat indices of its valid keys and their offsets, and per group of
+    queries (valid ones causal, right-padded ones seeing every valid key) their flat indices and offsets."""
+    keys: torch.Tensor
+    cu_k: torch.Tensor
+    max_k: int
+    queries: tuple  # of (flat indices, cu_q, max_q, causal)
+
+
+def _padding_plan(padding, seqlen_q):
+    """The _PaddingPlan of a (B, L) padding mask whose last seqlen_q tokens are the queries; None without
+    padding; a string saying why when a padded query sits between valid tokens (sdpa gives it a prefix)."""
+    if bool(padding.all()):
+        return None
+    seen = padding.shape[1]
+    key_counts = padding.sum(1)
+    query_valid = padding[:, seen - seqlen_q:]
+    keys_before = padding.cumsum(1)[:, seen - seqlen_q:]  # valid keys at or before each query
+    sees_all = ~query_valid & (keys_before == key_counts[:, None]) & (keys_before > 0)
+    if bool((~query_valid & (keys_before > 0) & ~sees_all).any()):
+        return "a padding mask with padded queries between valid tokens"
+    groups = []
+    for queries, causal in ((query_valid, True), (sees_all, False)):
+        if bool(queries.any()):
+            groups.append((queries.flatten().nonzero()[:, 0], *_offsets(queries.sum(1)), causal))
+    return _PaddingPlan(padding.flatten().nonzero()[:, 0], *_offsets(key_counts), tuple(groups))
+
+
+def _padded(q, k, v, padding, causal, scale):
+    """Attention over a padded batch, unpadded: q (B, Q, Hq, D), k, v (B, K, Hkv, D); padding (B, L) bool over
+    the L <= K tokens seen so far (keys past L are unfilled static-cache slots), the queries being the last Q
+    of them. A valid query sees the valid keys up to itself; a padded one what sdpa gives it: nothing (before
+    every valid key: left padding, output 0) or every valid key (after them all: right padding). Returns
+    (out, None), or (None, why not) for what sdpa must do."""
+    batch, seqlen_q = q.shape[:2]
+    seen = padding.shape[1]
+    k, v = k[:, :seen], v[:, :seen]
+    plan = _per_mask("padding", padding, seqlen_q, lambda: _padding_plan(padding, seqlen_q))
+    if plan is None:
+        return ops.attention(q, k, v, causal=causal and seqlen_q > 1, softmax_scale=scale), None
+    if not causal:
+        return None, "a padding mask on bidirectional attention"
+    if isinstance(plan, str):
+        return None, plan
+    keys, values = (t.flatten(0, 1).index_select(0, plan.keys) for t in (k, v))
+    flat_q = q.flatten(0, 1)
+    out = None
+    for rows, cu_q, max_q, group_causal in plan.queries:
+        part = ops.attention_varlen(flat_q.index_select(0, rows), keys, values, cu_q, plan.cu_k, max_q, plan.max_k,
+                                    causal=group_causal, softmax_scale=scale)
+        out = (part.new_zeros((batch * seqlen_q, *part.shape[1:])) if out is None else out).index_copy(0, rows, part)
+    return out.view(batch, seqlen_q, *out.shape[1:]), None
+
+
+class _Packing(NamedTuple):
+    """Packed sequences over the batch's flattened tokens: where each starts, (batch * seqlen,) bool, and the
+    offsets and longest length attention_varlen takes."""
+    starts: torch.Tensor
+    cu: torch.Tensor
+    longest: int
+
+
+def _packing(kwargs, batch, seqlen):
+    """The _Packing that flash attention's cu_seq_lens_q kwarg gives, or position_ids that do not count up by one
+    (transformers' own rule); None if the batch is not packed. Once per forward."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        if kwargs.get("cu_seq_lens_k") is not None and not torch.equal(kwargs["cu_seq_lens_k"], cu):
+            return None
+
+        def from_offsets():
+            starts = torch.zeros(batch * seqlen, dtype=torch.bool, device=cu.device)
+            starts[cu[:-1].long()] = True
+            return _Packing(starts, *_offsets(cu.diff()))
+        return _per_mask("cu_seq_lens", cu, (batch, seqlen), from_offsets)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        return None
+
+    def from_positions():
+        sequence = find_packed_sequence_indices(position_ids.expand(batch, -1))
+        if sequence is None:
+            return None
+        starts = F.pad(torch.diff(sequence, dim=-1) != 0, (1, 0), value=True).reshape(-1)
+        bounds = F.pad(starts.nonzero()[:, 0], (0, 1), value=batch * seqlen)
+        return _Packing(starts, *_offsets(bounds.diff()))
+    return _per_mask("position_ids", position_ids, (batch, seqlen), from_positions)
+
+
+def _is_packed_causal(mask, packing, batch, seqlen):
+    """Whether a 4-D boolean mask is exactly causal attention within the packed sequences (once per forward)."""
+    def compare():
+        if mask.dtype != torch.bool or mask.shape != (batch, 1, seqlen, seqlen):
+            return False
+        sequence = packing.starts.view(batch, seqlen).cumsum(-1)
+        position = torch.arange(seqlen, device=mask.device)
+        expected = (sequence[:, :, None] == sequence[:, None, :]) & (position[None, :] <= position[:, None])
+        return torch.equal(mask[:, 0], expected)
+
+    return _per_mask("packed", mask, None, compare)
+
+
+def _fastllm_attention(q, k, v, mask, causal, scale, kwargs):
+    """(out, None) on fastllm's (batch, tokens, heads, head_dim) layout, or (None, why not) for what fastllm cannot
+    express. mask: None, flash attention's 2-D padding mask, or sdpa's 4-D boolean mask. causal: the module's."""
+    batch, seqlen_q = q.shape[:2]
+    seqlen_k = k.shape[1]
+    if mask is not None and mask.dim() == 2:
+        window = kwargs.get("sliding_window")
+        if window is not None and mask.shape[1] > window:  # transformers gives sliding layers 4-D masks: a guard
+            return None, f"a sliding window of {window} over a padded batch"
+        return _padded(q, k, v, mask.bool(), causal, scale)
+    # Packed sequences, as flash attention finds them: from its cu_seq_lens kwargs, or from position_ids also when
+    # transformers did not look (with a cache, even an empty one in training, it builds no packed mask and sdpa
+    # attends across the sequences).
+    packing = _packing(kwargs, batch, seqlen_q) if seqlen_q == seqlen_k else None
+    if mask is not None and (packing is None or not _is_packed_causal(mask, packing, batch, seqlen_q)):
+        return None, "an attention mask that is neither padding nor packed sequences (a custom 4-D mask)"
+    if packing is not None:
+        flat = [t.flatten(0, 1) for t in (q, k, v)]
+        out = ops.attention_varlen(*flat, packing.cu, packing.cu, packing.longest, packing.longest, causal=causal,
+                                   softmax_scale=scale)
+        return out.view(q.shape), None
+    causal = causal and seqlen_q > 1
     if causal and seqlen_k > seqlen_q:
         # The mask is skipped this way only at prefill into an empty static cache, where transformers relies on
         # sdpa's top-left causal alignment: the keys past the queries are unfilled cache slots. (A single query,
         # decoding, sees every key either way; fastllm aligns queries to the end of the keys.)
-        key, value = key[:, :, :seqlen_q], value[:, :, :seqlen_q]
-    out = ops.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), causal=causal,
-                        softmax_scale=scaling)
-    return out, None
+        k, v = k[:, :seqlen_q], v[:, :seqlen_q]
+    return ops.attention(q, k, v, causal=causal, softmax_scale=scale), None
+
+
+def _sdpa_mask_for(mask, query, key):
+    """sdpa's 4-D boolean mask for a 2-D padding mask made by make_attention_mask (sdpa reads no 2-D masks)."""
+    if mask is None or mask.dim() != 2:
+        return mask
+    seen, seqlen_q = mask.shape[1], query.shape[2]
+    return sdpa_mask(query.shape[0], seqlen_q, key.shape[2], q_offset=seen - seqlen_q, attention_mask=mask.bool(),
+                     allow_is_causal_skip=False, device=query.device)
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                      **kwargs):
+    """transformers' attention-function signature over fastllm's attention ops.
+
+    query: (batch, heads_q, seqlen_q, head_dim); key, value: (batch, heads_kv, seqlen_k, head_dim), heads_q a
+    multiple of heads_kv; attention_mask as make_attention_mask() makes it. Dense batches run ops.attention, padded
+    ones (training, prefill, decoding with per-row lengths) and packed ones ops.attention_varlen. Returns
+    ((batch, seqlen_q, heads_q, head_dim), None): no attention weights.
+    """
+    reason = _fallback_reason(query, key, value, dropout, kwargs)
+    if reason is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out, reason = _fastllm_attention(q, k, v, attention_mask, causal, scaling, kwargs)
+        if out is not None:
+            return out, None
+    _warn_once(reason)
+    return sdpa_attention_forward(module, query, key, value, _sdpa_mask_for(attention_mask, query, key),
+                                  dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
 
 
 def register_attention():
-    """Register "fastllm" in transformers' attention interface, and the sdpa mask for it (which is None whenever
-    plain causal attention is exact). Idempotent; apply() and patch_classes() call it."""
+    """Register "fastllm" in transformers' attention interface, and make_attention_mask() in its mask interface.
+    Idempotent; apply() and patch_classes() call it."""
     AttentionInterface.register(ATTENTION, attention_forward)
-    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    AttentionMaskInterface.register(ATTENTION, make_attention_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -63,6 +63,16 @@ def resolve(t):
     return _backend.resolve(t.device, t.dtype)
 
 
+def call_op(op, *args):
+    """op(*args) for one of fastllm's torch.library custom ops, run straight through its Python body when the
+    dispatcher has nothing to add (no gradient to record, no autocast, no torch.compile trace, no dispatch
+    mode): the dispatch costs ~100 us a call on a 2-core CPU, more than a decode step's norm kernel takes."""
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()):
+        return op(*args)
+    return op._init_fn(*args)
+
+
 def kernels(backend, family):
     """The module holding `family`'s launchers for a kernel backend: the same function names in each."""
     if backend == "triton":
@@ -72,3 +82,50 @@ def kernels(backend, family):
 
         return _cpp.load()
     raise ValueError(f"backend {backend!r} has no kernels")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autocast. Each op family states, per device type, the policy torch's autocast lists give the PyTorch op it
+# replaces (aten/src/ATen/autocast_mode.{h,cpp}); a device type it does not name runs the op in the inputs'
+# dtypes, as an op on no list does. The same rule casts the public function's inputs (so its checks and the
+# torch reference see what the op sees) and is registered at the custom op's autocast dispatch keys (so a
+# direct torch.ops.fastllm.* call, and torch.compile's trace, cast the same way).
+# ---------------------------------------------------------------------------------------------------------
+LOWER = "lower_precision_fp"  # to the autocast dtype: matmul-like ops (linear, scaled_dot_product_attention)
+FP32 = "fp32"  # to float32: norms and softmax on CUDA, losses everywhere
+AUTOCAST_DEVICES = ("cpu", "cuda")
+_autocast_library = torch.library.Library("fastllm", "FRAGMENT")  # keeps the registrations alive
+
+
+def autocast_device(t):
+    """t's device type if t is a tensor and autocast is enabled for that device type, else None."""
+    if not isinstance(t, torch.Tensor) or t.device.type not in AUTOCAST_DEVICES:
+        return None
+    return t.device.type if torch.is_autocast_enabled(t.device.type) else None
+
+
+def autocast_cast(policy, device_type, *tensors):
+    """The tensors as `policy` casts them inside torch.autocast(device_type): floating tensors on that device
+    other than float64 (torch's eligibility rule) go to the autocast dtype (LOWER) or float32 (FP32); the rest,
+    and every tensor when policy is None, pass unchanged."""
+    if policy is None or device_type is None:
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type) if policy == LOWER else torch.float32
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 and t.device.type == device_type else t for t in tensors)
+
+
+def register_autocast(name, rule=None):
+    """Register rule(device_type, *args) -> outputs as torch.ops.fastllm.<name>'s kernel inside torch.autocast on
+    every AUTOCAST_DEVICES type. It runs with autocast off, so the op's own matmuls (the fused linear losses')
+    keep the dtypes the rule chose; without a rule the op runs on its arguments unchanged (backward ops)."""
+    op = getattr(torch.ops.fastllm, name).default
+    for device_type in AUTOCAST_DEVICES:
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        autocast_off = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key))
+
+        def kernel(_keyset, *args, device_type=device_type, autocast_off=autocast_off):
+            with torch._C._ExcludeDispatchKeyGuard(autocast_off):
+                return op(*args) if rule is None else rule(device_type, op, *args)
+
+        _autocast_library.impl(name, kernel, key, with_keyset=True)

@@ -18,13 +18,16 @@ sequences of equal length, a decode step a dense batch whose key lengths are kv_
 hold the (Tq, Tk) score matrix: the forward keeps a running max and sum per query (online softmax) and saves
 the row log-sum-exp; the backward recomputes the probabilities from it, tile by tile. Kernels:
 kernels/attention.py (Triton) and csrc/cpu/attention.cpp (C++), with identical launchers.
+
+Under torch.autocast q, k and v are cast to the autocast dtype, as scaled_dot_product_attention's are.
 """
 import math
 from typing import Optional
 
 import torch
 
-from ._common import check_same_device, check_tensor, kernels, resolve
+from ._common import (LOWER, autocast_cast, autocast_device, call_op, check_same_device, check_tensor, kernels,
+                      register_autocast, resolve)
 
 FAMILY = "attention"
 MAX_HEAD_DIM = 256  # what the Triton kernels' register tiles hold; every backend accepts the same range
@@ -220,6 +223,20 @@ def _attention_grad(ctx, dout, dlse):
 _attention.register_autograd(_attention_grad, setup_context=_attention_setup)
 
 
+def autocast_qkv(q, k, v):
+    """q, k, v as scaled_dot_product_attention takes them under torch.autocast: each in the autocast dtype (its
+    lower_precision_fp policy, on CPU and CUDA), so RoPE's fp32 q and k meet a bf16 v in one dtype."""
+    return autocast_cast(LOWER, autocast_device(q), q, k, v)
+
+
+def _autocast_attention(device_type, op, q, k, v, *rest):
+    return op(*autocast_cast(LOWER, device_type, q, k, v), *rest)
+
+
+register_autocast("attention", _autocast_attention)
+register_autocast("attention_backward")  # runs on what the forward saved
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------
@@ -305,6 +322,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     log-sum-exp of the scaled scores, (batch, heads_q, seqlen_q) float32 (float64 for float64 inputs; -inf
     for a query that sees no key). The lse is differentiable.
     """
+    q, k, v = autocast_qkv(q, k, v)
     _check_qkv(q, k, v, ("batch", "seqlen_q"), ("batch", "seqlen_k"))
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1:3]
@@ -333,6 +351,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     Returns out (total_q, heads_q, head_dim), and with return_lse also lse (heads_q, total_q). Equal to
     `attention` on each sequence alone. The offsets are checked on the host (a device sync on CUDA).
     """
+    q, k, v = autocast_qkv(q, k, v)
     _check_qkv(q, k, v, ("total_q",), ("total_k",))
     _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
@@ -367,6 +386,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k_cache[b, :kv_lengths[b]] for each b. Differentiable like `attention` (cache positions past the length
     get zero gradient). The lengths are checked on the host (a device sync on CUDA).
     """
+    q, k_cache, v_cache = autocast_qkv(q, k_cache, v_cache)
     _check_qkv(q, k_cache, v_cache, ("batch", "seqlen_q"), ("batch", "cache_len"),
                names=("q", "k_cache", "v_cache"))
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -377,9 +397,9 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if backend == "torch":
         check_sequence_data(q, k_cache, None, None, kv_lengths, seqlen_q, cache_len)
         return reference.attention_decode(q, k_cache, v_cache, kv_lengths, causal, softmax_scale, window, return_lse)
-    out, lse = _attention(q.reshape(batch * seqlen_q, heads_q, head_dim).contiguous(),
-                          k_cache.reshape(batch * cache_len, heads_kv, head_dim).contiguous(),
-                          v_cache.reshape(batch * cache_len, heads_kv, head_dim).contiguous(), None, None, kv_lengths,
-                          seqlen_q, cache_len, softmax_scale, left, right, backend)
+    out, lse = call_op(_attention, q.reshape(batch * seqlen_q, heads_q, head_dim).contiguous(),
+                       k_cache.reshape(batch * cache_len, heads_kv, head_dim).contiguous(),
+                       v_cache.reshape(batch * cache_len, heads_kv, head_dim).contiguous(), None, None, kv_lengths,
+                       seqlen_q, cache_len, softmax_scale, left, right, backend)
     out = out.view(batch, seqlen_q, heads_q, head_dim)
     return (out, _public_lse(lse, q).view(heads_q, batch, seqlen_q).transpose(0, 1)) if return_lse else out

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from . import rl
 from ._common import check_label_range, check_positive, check_same_device, check_tensor, kernels, resolve
+from ._common import LOWER, autocast_cast, autocast_device, register_autocast
 from .softmax import reference as softmax_reference
 from .softmax import stat_gradient_coefficients
 
@@ -73,13 +74,16 @@ class reference:
     @staticmethod
     def linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, bias=None, ref_logprobs=None,
                         kl_coef=0.0, entropy_coef=0.0, clip_eps=0.2, clip_eps_high=None, dual_clip=None,
-                        temperature=1.0, ignore_index=-100):
+                        temperature=1.0, ignore_index=-100, kl_estimator="k3", kl_clamp=None, loss_agg="token_mean",
+                        normalizer=None, ratio_level="token", cu_seqlens=None):
         logprobs, entropy = reference.linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index,
                                                             return_entropy=True)
         mask = torch.where(labels != ignore_index, mask.to(torch.promote_types(mask.dtype, torch.float32)), 0.0)
         return rl.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=clip_eps,
                                   clip_eps_high=clip_eps_high, dual_clip=dual_clip, entropy=entropy,
-                                  entropy_coef=entropy_coef, ref_logprobs=ref_logprobs, kl_coef=kl_coef)
+                                  entropy_coef=entropy_coef, ref_logprobs=ref_logprobs, kl_coef=kl_coef,
+                                  kl_estimator=kl_estimator, kl_clamp=kl_clamp, loss_agg=loss_agg,
+                                  normalizer=normalizer, ratio_level=ratio_level, cu_seqlens=cu_seqlens)
 
     @staticmethod
     def linear_dpo_loss(chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels, ref_chosen_logps,
@@ -114,6 +118,21 @@ def _even_ranges(total, most):
 def _row_chunks(rows, most):
     """Chunks of consecutive token rows; a chunk is a tuple of [start, end) row ranges."""
     return [(bounds,) for bounds in _even_ranges(rows, most)]
+
+
+def _sequence_chunks(bounds, most):
+    """Chunks of whole sequences (bounds: cu_seqlens as a list): runs of consecutive sequences of at most `most`
+    rows in all, a longer sequence alone in its chunk."""
+    chunks = []
+    start = last = bounds[0]
+    for end in bounds[1:]:
+        if end - start > most and last > start:  # the run so far is full: close it before this sequence
+            chunks.append(((start, last),))
+            start = last
+        last = end
+    if last > start or not chunks:
+        chunks.append(((start, last),))
+    return chunks
 
 
 def _rows(t, ranges):
@@ -355,41 +374,59 @@ class _CrossEntropyHead:
 
 
 class _PolicyHead:
-    """PPO (rl.policy_terms) on the chunk's log-probs; entropy is always computed, for the statistics."""
+    """PPO (rl.policy_terms) on the chunk's log-probs; entropy is always computed, for the statistics. The loss is
+    sum_t w_t l_t with the per-token weights of the aggregation mode (rl.token_weights, computed by the caller);
+    with cu_seqlens the chunks are runs of whole sequences (GSPO's sequence ratio needs all of a sequence)."""
     want_sum, want_entropy = False, True
-    # stats, each a masked token mean: loss, clip fraction, approx KL, ratio, entropy, KL to the reference
-    n_sums = 6
+    # the loss, then the statistics (rl.policy_stat_pieces, each a masked token mean): clip fraction, approx KL,
+    # ratio, entropy, KL to the reference, low and high clip fractions
+    n_sums = 8
 
-    def __init__(self, rows, most, labels, old_logprobs, advantages, mask, ref_logprobs, ignore_index, clip_low,
-                 clip_high, dual_clip, kl_coef, entropy_coef):
-        self.chunks = _row_chunks(rows, most)
+    def __init__(self, rows, most, labels, old_logprobs, advantages, mask, weights, ref_logprobs, cu_seqlens,
+                 ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, kl_clamp, entropy_coef,
+                 ratio_level):
+        self.sequences = None
+        if cu_seqlens is None:
+            self.chunks = _row_chunks(rows, most)
+        else:
+            self.chunks = _sequence_chunks(cu_seqlens.tolist(), most)
+            self.sequences = rl.Sequences.from_cu_seqlens(cu_seqlens, rows)
         self.old_logprobs, self.advantages, self.ref_logprobs = old_logprobs, advantages, ref_logprobs
         self.mask = torch.where(labels != ignore_index, mask, 0.0)  # an ignored label is no token of the loss
+        self.weights = weights
         self.denominator = rl.mask_denominator(self.mask)
         self.ignore_index = ignore_index
         self.policy = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef,
-                           entropy_coef=entropy_coef)
+                           kl_estimator=kl_estimator, kl_clamp=kl_clamp, entropy_coef=entropy_coef,
+                           ratio_level=ratio_level)
         self.entropy_coef = entropy_coef
         self.sums = torch.zeros(self.n_sums, dtype=torch.float32, device=labels.device)
 
+    def _chunk_sequences(self, ranges):
+        if self.sequences is None:
+            return None
+        ids = _rows(self.sequences.ids, ranges)
+        first = int(ids[0]) if ids.numel() else 0
+        return rl.Sequences(ids - first, int(ids[-1]) - first + 1 if ids.numel() else 0)
+
     def __call__(self, index, ranges, labels, lse, target, sum_z, entropy):
-        mask = _rows(self.mask, ranges)
+        mask, weights = _rows(self.mask, ranges), _rows(self.weights, ranges)
         logprobs = torch.where(labels != self.ignore_index, (target - lse).float(), 0.0)
         ref_logprobs = None if self.ref_logprobs is None else _rows(self.ref_logprobs, ranges)
         terms = rl.policy_terms(logprobs, _rows(self.old_logprobs, ranges), _rows(self.advantages, ranges),
-                                entropy=entropy, ref_logprobs=ref_logprobs, with_derivative=True, **self.policy)
-        ref_kl = terms.ref_kl if terms.ref_kl is not None else torch.zeros_like(logprobs)
-        pieces = (terms.loss, terms.clipped.float(), terms.approx_kl, terms.ratio, entropy, ref_kl)
-        self.sums += torch.stack([rl.masked_sum(piece, mask) for piece in pieces])
-        weight = torch.where(mask != 0, mask / self.denominator, 0.0)  # d loss / d token loss
-        g_logprobs = torch.where(mask != 0, weight * terms.dloss_dlogprobs, 0.0)  # padding may be NaN
-        g_entropy = -self.entropy_coef * weight if self.entropy_coef else None
+                                entropy=entropy, ref_logprobs=ref_logprobs, mask=mask,
+                                sequences=self._chunk_sequences(ranges), weights=weights, with_derivative=True,
+                                **self.policy)
+        self.sums[0] += rl.masked_sum(terms.loss, weights)
+        self.sums[1:] += torch.stack([rl.masked_sum(piece, mask) for piece in rl.policy_stat_pieces(terms, entropy)])
+        g_logprobs = torch.where(mask != 0, terms.dloss_dlogprobs, 0.0)  # padding may be NaN
+        g_entropy = -self.entropy_coef * weights if self.entropy_coef else None
         return stat_gradient_coefficients(labels, self.ignore_index, entropy, g_lse=-g_logprobs,
                                           g_target=g_logprobs, g_entropy=g_entropy)
 
     def result(self):
-        means = self.sums / self.denominator
-        return means[0].clone(), means[1:].clone()  # a custom op's outputs are fresh tensors, not views
+        stats = self.sums[1:] / self.denominator
+        return self.sums[0].clone(), stats  # a custom op's outputs are fresh tensors, not views
 
 
 class _PreferenceHead:
@@ -480,21 +517,24 @@ def _(hidden, weight, bias, labels, ignore_index, label_smoothing, mean, chunk_s
 
 @torch.library.custom_op("fastllm::linear_ppo_loss", mutates_args=())
 def _linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-                     old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                     ref_logprobs: Optional[torch.Tensor], inv_temperature: float, ignore_index: int, clip_low: float,
-                     clip_high: float, dual_clip: Optional[float], kl_coef: float, entropy_coef: float,
+                     old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+                     ref_logprobs: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_temperature: float,
+                     ignore_index: int, clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float,
+                     kl_estimator: str, kl_clamp: Optional[float], entropy_coef: float, ratio_level: str,
                      chunk_size: int, want_grads: list[bool], backend: str
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_label_range(labels, weight.shape[0], ignore_index)
-    head = _PolicyHead(hidden.shape[0], chunk_size, labels, old_logprobs, advantages, mask, ref_logprobs,
-                       ignore_index, clip_low, clip_high, dual_clip, kl_coef, entropy_coef)
+    head = _PolicyHead(hidden.shape[0], chunk_size, labels, old_logprobs, advantages, mask, weights, ref_logprobs,
+                       cu_seqlens, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, kl_clamp,
+                       entropy_coef, ratio_level)
     projection = _Projection(hidden, weight, bias, labels, inv_temperature, ignore_index)
     return _one_pass(backend, projection, head, want_grads)
 
 
 @_linear_ppo_loss.register_fake
-def _(hidden, weight, bias, labels, old_logprobs, advantages, mask, ref_logprobs, inv_temperature, ignore_index,
-      clip_low, clip_high, dual_clip, kl_coef, entropy_coef, chunk_size, want_grads, backend):
+def _(hidden, weight, bias, labels, old_logprobs, advantages, mask, weights, ref_logprobs, cu_seqlens, inv_temperature,
+      ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, kl_clamp, entropy_coef, ratio_level,
+      chunk_size, want_grads, backend):
     return _one_pass_fake(hidden, weight, bias, want_grads, _PolicyHead.n_sums - 1)
 
 
@@ -518,6 +558,18 @@ def _(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, chosen
 
 for _op in (_linear_cross_entropy, _linear_ppo_loss, _linear_dpo_loss):
     _op.register_autograd(_one_pass_grad, setup_context=_one_pass_setup)
+
+
+# Under torch.autocast the head's matmul runs as F.linear does: hidden, weight and bias in the autocast dtype (its
+# lower_precision_fp policy, on CPU and CUDA); log-probs and losses stay fp32, as cross_entropy's are. The ops run
+# with autocast off, so the gradient matmuls they do in the forward keep those dtypes too.
+def _autocast_projection(device_type, op, hidden, weight, bias, *rest):
+    return op(*autocast_cast(LOWER, device_type, hidden, weight, bias), *rest)
+
+
+for _name in ("linear_logit_stats", "linear_cross_entropy", "linear_ppo_loss", "linear_dpo_loss"):
+    register_autocast(_name, _autocast_projection)
+register_autocast("linear_logit_stats_backward")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -575,6 +627,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     recomputes each chunk's logits (see the module docstring). chunk_size: token rows per chunk (default: a
     chunk of logits of at most CHUNK_BYTES).
     """
+    hidden, weight, bias = autocast_cast(LOWER, autocast_device(hidden), hidden, weight, bias)
     _check_projection(hidden, weight, bias, chunk_size)
     _check_labels("labels", labels, hidden.shape[:-1])
     check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
@@ -599,6 +652,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     all are ignored, as in PyTorch) and "sum", computed with its gradient in one pass; (...) for "none" (0 at
     ignored tokens), whose backward recomputes the logits. label_smoothing mixes in the uniform distribution.
     """
+    hidden, weight, bias = autocast_cast(LOWER, autocast_device(hidden), hidden, weight, bias)
     _check_projection(hidden, weight, bias, chunk_size)
     _check_labels("labels", labels, hidden.shape[:-1])
     check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
@@ -626,16 +680,25 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     advantages: torch.Tensor, mask: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
                     ref_logprobs: Optional[torch.Tensor] = None, kl_coef: float = 0.0, entropy_coef: float = 0.0,
                     clip_eps: float = 0.2, clip_eps_high: Optional[float] = None, dual_clip: Optional[float] = None,
-                    temperature: float = 1.0, ignore_index: int = -100,
+                    temperature: float = 1.0, ignore_index: int = -100, kl_estimator: str = "k3",
+                    kl_clamp: Optional[float] = None, loss_agg: str = "token_mean", normalizer: Optional[float] = None,
+                    ratio_level: str = "token", cu_seqlens: Optional[torch.Tensor] = None,
                     chunk_size: Optional[int] = None) -> rl.PolicyLoss:
-    """rl.ppo_policy_loss of the policy's log-probs of `labels`, computed from hidden states in one chunked pass.
+    """rl.ppo_policy_loss of the policy's log-probs of `labels`, computed from hidden states in one chunked pass:
+    the same values and gradients for every option.
 
     hidden (..., H), weight (V, H), bias (V,): the policy head; labels (...) the sampled tokens;
     old_logprobs, advantages, ref_logprobs (...) float; mask (...) bool or 0/1 float (tokens whose label is
-    ignore_index are masked too). Adds -entropy_coef * entropy and kl_coef * k3 KL to ref_logprobs per token;
-    log-probs and entropy are of softmax(logits / temperature). Returns rl.PolicyLoss with every statistic
+    ignore_index are masked too). Adds -entropy_coef * entropy and kl_coef * KL (kl_estimator k1 | k2 | k3,
+    clamped to +-kl_clamp if given) to ref_logprobs per token; log-probs and entropy are of
+    softmax(logits / temperature). loss_agg ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum",
+    "token_sum_norm" with normalizer) and ratio_level ("token", "sequence": GSPO) as in rl.ppo_policy_loss.
+    Sequences: the rows of 2-D (batch, T) labels, or cu_seqlens (int, num_sequences + 1 boundaries over the
+    token rows of 1-D labels); the per-sequence modes need one of them, and the chunks are then runs of whole
+    sequences (one sequence longer than chunk_size is one chunk). Returns rl.PolicyLoss with every statistic
     (entropy always; ref_kl when ref_logprobs is given). Gradients flow to hidden, weight and bias.
     """
+    hidden, weight, bias = autocast_cast(LOWER, autocast_device(hidden), hidden, weight, bias)
     _check_projection(hidden, weight, bias, chunk_size)
     _check_labels("labels", labels, hidden.shape[:-1])
     _check_per_token(labels, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
@@ -643,22 +706,31 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels, old_logprobs=old_logprobs,
                       advantages=advantages, mask=mask, ref_logprobs=ref_logprobs)
     rl.check_policy_args(clip_eps, clip_eps_high, dual_clip, kl_coef, entropy_coef, ref_logprobs is not None)
+    rl.check_loss_args(loss_agg, ratio_level, normalizer, kl_estimator, kl_clamp)
     check_positive("temperature", temperature)
+    sequences, normalizer = rl.loss_sequences(labels.shape, cu_seqlens, loss_agg, ratio_level, normalizer,
+                                              labels.device, "labels")
     backend = resolve(hidden)
     if backend == "torch":
         return reference.linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, bias, ref_logprobs,
                                          kl_coef, entropy_coef, clip_eps, clip_eps_high, dual_clip, temperature,
-                                         ignore_index)
+                                         ignore_index, kl_estimator, kl_clamp, loss_agg, normalizer, ratio_level,
+                                         cu_seqlens)
     rows, flat_labels = _flatten(hidden, labels)
+    flat_mask = torch.where(flat_labels != ignore_index, _fp32_rows(mask), 0.0)
+    weights = rl.token_weights(flat_mask, loss_agg, sequences, normalizer)
+    if sequences is not None and cu_seqlens is None:  # the rows of 2-D labels
+        cu_seqlens = torch.arange(labels.shape[0] + 1, device=labels.device) * labels.shape[1]
     loss, stats, *_ = _linear_ppo_loss(
-        rows, weight, bias, flat_labels, _fp32_rows(old_logprobs), _fp32_rows(advantages), _fp32_rows(mask),
-        _fp32_rows(ref_logprobs), 1.0 / temperature, ignore_index, float(clip_eps),
-        float(clip_eps if clip_eps_high is None else clip_eps_high), None if dual_clip is None else float(dual_clip),
-        float(kl_coef), float(entropy_coef), chunk_rows(weight.shape[0], hidden.dtype, chunk_size),
-        _wanted_grads(hidden, weight, bias), backend)
-    clip_fraction, approx_kl, ratio_mean, entropy, ref_kl = stats.unbind(0)
+        rows, weight, bias, flat_labels, _fp32_rows(old_logprobs), _fp32_rows(advantages), flat_mask, weights,
+        _fp32_rows(ref_logprobs), None if sequences is None else cu_seqlens.to(torch.int64), 1.0 / temperature,
+        ignore_index, float(clip_eps), float(clip_eps if clip_eps_high is None else clip_eps_high),
+        None if dual_clip is None else float(dual_clip), float(kl_coef), kl_estimator,
+        None if kl_clamp is None else float(kl_clamp), float(entropy_coef), ratio_level,
+        chunk_rows(weight.shape[0], hidden.dtype, chunk_size), _wanted_grads(hidden, weight, bias), backend)
+    clip_fraction, approx_kl, ratio_mean, entropy, ref_kl, low, high = stats.unbind(0)
     return rl.PolicyLoss(loss, clip_fraction, approx_kl, ratio_mean, entropy,
-                         ref_kl if ref_logprobs is not None else None)
+                         ref_kl if ref_logprobs is not None else None, low, high)
 
 
 def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, weight: torch.Tensor,
@@ -674,6 +746,8 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
     log-probs. A chunk is a run of whole pairs (chunk_size: token rows, rounded down to whole pairs, at least
     one). Returns rl.PreferenceLoss; gradients flow to both hidden tensors, weight and bias.
     """
+    chosen_hidden, rejected_hidden, weight, bias = autocast_cast(LOWER, autocast_device(chosen_hidden), chosen_hidden,
+                                                                 rejected_hidden, weight, bias)
     _check_projection(chosen_hidden, weight, bias, chunk_size, "chosen_hidden")
     _check_projection(rejected_hidden, weight, bias, chunk_size, "rejected_hidden")
     for name, hidden in (("chosen_hidden", chosen_hidden), ("rejected_hidden", rejected_hidden)):

@@ -10,6 +10,9 @@ Statistics are fp32 (fp64 for fp64 input); the forward saves mean and rstd per r
 recomputes xhat from h. Gradients flow to x, residual, weight and bias; for the add variants the gradient of
 h is dx = d(norm)/dh + d(residual_out), shared by x and residual. Weight and bias gradients are reduced in a
 fixed order: the same bits on every run. Kernels: kernels/norm.py (Triton) and csrc/cpu/norm.cpp (C++).
+Under torch.autocast the ops do what F.layer_norm / F.rms_norm do: on CUDA (their fp32 policy) x, residual, weight
+and bias are cast to float32 and the norm is float32; on the CPU (on no list) they run in x's dtype. The add
+forms' h = x + residual promotes mixed dtypes, as `+` does, and keeps that dtype.
 """
 import math
 from typing import Optional
@@ -17,7 +20,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import as_rows, check_same_device, check_tensor, kernels, resolve
+from ._common import (FP32, as_rows, autocast_cast, autocast_device, call_op, check_same_device, check_tensor,
+                      kernels, register_autocast, resolve)
 
 FAMILY = "norm"
 
@@ -131,6 +135,29 @@ def _norm_grad(ctx, dy, d_residual_out, _d_mean, _d_rstd):
 _norm.register_autograd(_norm_grad, setup_context=_norm_setup)
 
 
+AUTOCAST_POLICY = {"cuda": FP32}  # torch's autocast lists: layer_norm and rms_norm are fp32 on CUDA only
+
+
+def _autocast_inputs(device_type, x, residual, weight, bias):
+    """(x, residual, weight, bias) as the PyTorch ops take them under autocast on device_type, and the dtype of
+    h = x + residual (`+` promotes and is on no autocast list)."""
+    if isinstance(residual, torch.Tensor) and isinstance(x, torch.Tensor) and residual.dtype != x.dtype:
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        x, residual = x.to(dtype), residual.to(dtype)
+    stream_dtype = x.dtype
+    return autocast_cast(AUTOCAST_POLICY.get(device_type), device_type, x, residual, weight, bias), stream_dtype
+
+
+def _autocast_norm(device_type, op, x, residual, weight, bias, *rest):
+    (x, residual, weight, bias), stream_dtype = _autocast_inputs(device_type, x, residual, weight, bias)
+    y, residual_out, mean, rstd = op(x, residual, weight, bias, *rest)
+    return y, residual_out.to(stream_dtype) if residual is not None else residual_out, mean, rstd
+
+
+register_autocast("norm", _autocast_norm)
+register_autocast("norm_backward")  # runs on what the forward saved
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------
@@ -170,16 +197,34 @@ def _check_inputs(x, residual, weight, bias, eps, offset):
     _check_number("offset", offset)
 
 
+def _reference(x, residual, weight, bias, eps, offset, rms):
+    if residual is None:
+        if rms:
+            return reference.rms_norm(x, weight, eps, offset=offset), None
+        return reference.layer_norm(x, weight, bias, eps), None
+    if rms:
+        return reference.add_rms_norm(x, residual, weight, eps, offset=offset)
+    return reference.add_layer_norm(x, residual, weight, bias, eps)
+
+
 def _normalize(x, residual, weight, bias, eps, offset, rms):
-    """(normed, residual_out or None) on the kernel backend; None if the torch reference should run."""
+    """(normed, residual_out or None) on the backend that runs x (the torch reference included)."""
+    device_type = autocast_device(x)
+    if device_type is not None:
+        (x, residual, weight, bias), stream_dtype = _autocast_inputs(device_type, x, residual, weight, bias)
     _check_inputs(x, residual, weight, bias, eps, offset)
     backend = resolve(x)
     if backend == "torch":
-        return None
-    rows, lead = as_rows(x)
-    residual_rows = as_rows(residual)[0] if residual is not None else None
-    y, residual_out, _, _ = _norm(rows, residual_rows, weight, bias, float(eps), float(offset), rms, backend)
-    return y.reshape(x.shape), (residual_out.reshape(x.shape) if residual is not None else None)
+        y, residual_out = _reference(x, residual, weight, bias, eps, offset, rms)
+    else:
+        rows, _ = as_rows(x)
+        residual_rows = as_rows(residual)[0] if residual is not None else None
+        y, residual_out, _, _ = call_op(_norm, rows, residual_rows, weight, bias, float(eps), float(offset), rms,
+                                        backend)
+        y, residual_out = y.reshape(x.shape), (residual_out.reshape(x.shape) if residual is not None else None)
+    if device_type is not None and residual_out is not None:
+        residual_out = residual_out.to(stream_dtype)
+    return y, residual_out
 
 
 def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
@@ -189,8 +234,7 @@ def layer_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, bias: Opt
     x: (..., n) float; weight, bias: (n,) of x's dtype or float32 (statistics in fp32 either way).
     Returns x's shape and dtype.
     """
-    out = _normalize(x, None, weight, bias, eps, 0.0, rms=False)
-    return reference.layer_norm(x, weight, bias, eps) if out is None else out[0]
+    return _normalize(x, None, weight, bias, eps, 0.0, rms=False)[0]
 
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float = 1e-6, *,
@@ -200,8 +244,7 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor] = None, eps: float 
     offset=1.0 is the Gemma convention (weights stored as scale - 1). Without a weight the scale is 1.
     x: (..., n) float; weight: (n,) of x's dtype or float32. Returns x's shape and dtype.
     """
-    out = _normalize(x, None, weight, None, eps, offset, rms=True)
-    return reference.rms_norm(x, weight, eps, offset=offset) if out is None else out[0]
+    return _normalize(x, None, weight, None, eps, offset, rms=True)[0]
 
 
 def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -211,8 +254,7 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[tor
     The pre-norm transformer step: h is the updated residual stream, rounded to x's dtype, and it is this
     rounded h that is normalized. residual: x's shape and dtype. Both outputs take gradients.
     """
-    out = _normalize(x, residual, weight, bias, eps, 0.0, rms=False)
-    return reference.add_layer_norm(x, residual, weight, bias, eps) if out is None else out
+    return _normalize(x, residual, weight, bias, eps, 0.0, rms=False)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -221,5 +263,4 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch
 
     As add_layer_norm, for RMSNorm. residual: x's shape and dtype. Both outputs take gradients.
     """
-    out = _normalize(x, residual, weight, None, eps, offset, rms=True)
-    return reference.add_rms_norm(x, residual, weight, eps, offset=offset) if out is None else out
+    return _normalize(x, residual, weight, None, eps, offset, rms=True)

@@ -12,14 +12,17 @@ gradient per statistic, which it folds into four per-row coefficients:
 
 The backward recomputes p from the logits and the saved lse, so it allocates exactly one logits-sized tensor:
 the gradient. Kernels: kernels/softmax.py (Triton) and csrc/cpu/softmax.cpp (C++), with identical launchers.
+Under torch.autocast softmax and log_softmax do what torch's do: float32 on CUDA (its fp32_set_opt_dtype policy),
+x's dtype on the CPU (on no list). token_logprobs, entropy and cross_entropy are float32 everywhere, computed
+from the logits as they are, which is what cross_entropy's fp32 policy computes (the kernels accumulate in fp32).
 """
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from ._common import (as_rows, check_label_range, check_labels_shape, check_positive, check_tensor, kernels,
-                      resolve)
+from ._common import (FP32, as_rows, autocast_cast, autocast_device, check_label_range, check_labels_shape,
+                      check_positive, check_tensor, kernels, register_autocast, resolve)
 
 FAMILY = "softmax"
 
@@ -96,6 +99,16 @@ def _softmax_grad(ctx, dy):
 
 _softmax.register_autograd(_softmax_grad, setup_context=_softmax_setup)
 
+SOFTMAX_AUTOCAST_POLICY = {"cuda": FP32}  # torch's autocast lists: softmax and log_softmax are fp32 on CUDA only
+
+
+def _autocast_softmax(device_type, op, x, *rest):
+    return op(*autocast_cast(SOFTMAX_AUTOCAST_POLICY.get(device_type), device_type, x), *rest)
+
+
+register_autocast("softmax", _autocast_softmax)
+register_autocast("softmax_backward")
+
 
 @torch.library.custom_op("fastllm::logit_stats", mutates_args=())
 def _logit_stats(x: torch.Tensor, labels: Optional[torch.Tensor], inv_temperature: float, ignore_index: int,
@@ -161,6 +174,9 @@ def _logit_stats_grad(ctx, g_lse, g_target, g_sum, g_entropy):
 
 
 _logit_stats.register_autograd(_logit_stats_grad, setup_context=_logit_stats_setup)
+# fp32 statistics of the logits as given: the same numbers as casting them to fp32 first (cross_entropy's policy)
+register_autocast("logit_stats")
+register_autocast("logit_stats_backward")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -184,6 +200,8 @@ def _check_dim(x, dim):
 
 
 def _softmax_along(x, dim, log):
+    device_type = autocast_device(x)
+    (x,) = autocast_cast(SOFTMAX_AUTOCAST_POLICY.get(device_type), device_type, x)
     check_tensor("x", x)
     _check_dim(x, dim)
     backend = resolve(x)

@@ -4,62 +4,24 @@ transformers models (generate, Trainer, save/load). Tiny randomly initialised co
 Every comparison is against a float64 copy of the unpatched model, with the unpatched fp32 model's own error as
 the yardstick (numerics.assert_matches_reference).
 """
-import copy
 import warnings
 
 import pytest
 import torch
 import transformers
+from hf_tiny import ARCHITECTURES, CONFIGS, VOCAB
+from hf_tiny import tiny_model as _model
+from hf_tiny import triple as _triple
 from numerics import assert_matches_reference
 
 import fastllm.nn
 from fastllm.integrations import transformers as fastllm_hf
 
-VOCAB, BATCH, SEQLEN = 101, 2, 13
-_SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
-CONFIGS = {
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                            eos_token_id=0),
-    "llama": lambda: transformers.LlamaConfig(**_SMALL),
-    "mistral": lambda: transformers.MistralConfig(**_SMALL, sliding_window=None),
-    "qwen2": lambda: transformers.Qwen2Config(**_SMALL),
-    "qwen3": lambda: transformers.Qwen3Config(**_SMALL, head_dim=8),
-}
-ARCHITECTURES = list(CONFIGS)
+BATCH, SEQLEN = 2, 13
 
 
 def test_registry_covers_the_tested_architectures():
     assert list(fastllm_hf.ARCHITECTURES) == ARCHITECTURES
-
-
-@pytest.fixture
-def no_fallback(monkeypatch):
-    """Fail if fastllm's attention hands a call to transformers' sdpa: these tests are about fastllm's own."""
-    def fail(*args, **kwargs):
-        raise AssertionError("fastllm attention fell back to sdpa")
-    monkeypatch.setattr(fastllm_hf, "sdpa_attention_forward", fail)
-
-
-def _model(arch, **config_overrides):
-    config = CONFIGS[arch]()
-    for key, value in config_overrides.items():
-        setattr(config, key, value)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    with torch.no_grad():  # norms away from their initial 1 / 0, so a dropped weight would show
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.copy_(torch.randn_like(p) * 0.3 + (0.0 if name.endswith("bias") else 1.0))
-    return model
-
-
-def _triple(arch):
-    """(patched fp32, unpatched fp32, unpatched float64) copies of one random model."""
-    model = _model(arch)
-    reference = copy.deepcopy(model).double()
-    baseline = copy.deepcopy(model)
-    return fastllm_hf.apply(model), baseline, reference
 
 
 def _batch():
@@ -143,18 +105,19 @@ def test_greedy_generate_gives_the_same_tokens(arch, no_fallback):
     assert torch.equal(tokens[0], tokens[1])
 
 
-def test_padded_batch_falls_back_to_sdpa_with_a_reason():
+def test_a_custom_4d_mask_falls_back_to_sdpa_with_a_reason():
+    """An additive float mask of the user's own is what fastllm cannot express: sdpa runs it, with one warning."""
     patched, baseline, _ = _triple("llama")
     input_ids, _ = _batch()
-    mask = torch.ones_like(input_ids)
-    mask[1, :3] = 0  # left padding
+    bias = torch.zeros(BATCH, 1, SEQLEN, SEQLEN).masked_fill(torch.ones(SEQLEN, SEQLEN).triu(1).bool(), -1e9)
+    bias[:, :, :, 2] -= 3.0  # a soft penalty on one key: no boolean pattern
     fastllm_hf._warned.clear()
-    with pytest.warns(UserWarning, match="explicit attention mask"):
+    with pytest.warns(UserWarning, match="neither padding nor packed sequences"):
         with torch.no_grad():
-            out = patched.eval()(input_ids=input_ids, attention_mask=mask).logits
+            out = patched.eval()(input_ids=input_ids, attention_mask=bias).logits
     with torch.no_grad():
-        expected = baseline.eval()(input_ids=input_ids, attention_mask=mask).logits
-    torch.testing.assert_close(out[mask.bool()], expected[mask.bool()])
+        expected = baseline.eval()(input_ids=input_ids, attention_mask=bias).logits
+    torch.testing.assert_close(out, expected)
 
 
 class _Tokens(torch.utils.data.Dataset):
