@@ -8,7 +8,8 @@ import os
 
 from setuptools import setup
 
-packages = ["fastllm", "fastllm.ops", "fastllm.nn", "fastllm.model", "fastllm.data", "fastllm.train", "fastllm.demo",
+packages = ["fastllm", "fastllm.ops", "fastllm.nn", "fastllm.model", "fastllm.data", "fastllm.train", "fastllm.train.rl",
+            "fastllm.demo",
             "fastllm.integrations", "fastllm.kernels", "fastllm.csrc"]
 package_dir = {"fastllm.kernels": "kernels", "fastllm.csrc": "csrc"}
 package_data = {"fastllm.csrc": ["*.h", "*.cpp", "cpu/*.cpp", "cuda/*.cu"]}

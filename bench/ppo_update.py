@@ -32,7 +32,7 @@ import torch
 
 from bench import harness
 from fastllm.model import GPT, GPTConfig
-from fastllm.train.ppo import PPOConfig, PPOTrainer
+from fastllm.train.rl import PPOConfig, PPOTrainer
 
 VARIANTS = ("fused", "materialised")
 

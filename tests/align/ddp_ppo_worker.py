@@ -2,19 +2,23 @@
 drew and holds after every step.
 
 usage: ddp_ppo_worker.py OUT_DIR fresh|resume
-fresh: one process group shared by four runs: "ppo" (3 steps, a checkpoint after each), "half" (the same run
+fresh: one process group shared by every run: "ppo" (3 steps, a checkpoint after each), "half" (the same run
 stopped after 2 steps), "head" (a value head instead of a separate critic) and "grpo" (each rank builds its policy
 from a different seed, as a script seeding torch by rank would: the trainer must start every rank from rank 0's).
-resume: "half" continued to 3 steps from its checkpoint, the trainer joining the process group itself (as the CLI).
+"grpo_batch" and "reinforce_pp" (one step of the estimators that normalise over the whole batch). "grpo_fsdp" and
+"ppo_fsdp" are "grpo" and "half" with the models sharded (parallel="fsdp"), "ppo_fsdp_half" its first step alone.
+resume: "half" continued to 3 steps from its checkpoint, the trainer joining the process group itself (as the CLI),
+and "ppo_fsdp_half" to 2 steps from its sharded checkpoint.
 Each rank writes OUT_DIR/{run}.rank{r}.pt; the runs' own files go to OUT_DIR/{run}/."""
 import os
 import sys
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from fastllm.model import GPT, GPTConfig
 from fastllm.train.distributed import init_distributed
-from fastllm.train.ppo import PPOConfig, PPOTrainer
+from fastllm.train.rl import PPOConfig, PPOTrainer
 
 PROMPTS = [[2 + i % 12] * (1 + i // 12) for i in range(36)]  # all distinct: a rollout's prompts name its draws
 TIMINGS = ("rollout_s", "update_s", "update_tokens_per_s")  # wall-clock, legitimately different per rank
@@ -36,17 +40,20 @@ class RecordingPPO(PPOTrainer):
     """Keeps, per step, the prompt indices this rank drew, its trained parameters after the step and its record."""
 
     def __init__(self, *args, **kw):
-        self.drawn, self.after_step, self.records = [], [], []
+        self.drawn, self.after_step, self.records, self.rollouts = [], [], [], []
         super().__init__(*args, **kw)
 
     def trained_params(self) -> dict:
+        """Each trained model's full parameters, flattened (gathered from every rank's shards under fsdp)."""
         modules = {"policy": self.policy, "critic": self.critic, "value_head": self.value_head}
-        return {name: torch.cat([p.detach().flatten() for p in m.parameters()]).clone()
+        full = lambda p: p.full_tensor() if isinstance(p, DTensor) else p  # noqa: E731
+        return {name: torch.cat([full(p).detach().flatten() for p in m.parameters()]).clone()
                 for name, m in modules.items() if m is not None}
 
     def rollout(self):
         r = super().rollout()
         self.drawn.append(sorted({PROMPTS.index(p) for p in r.prompts}))
+        self.rollouts.append({"scores": r.scores.clone(), "advantages": [a.clone() for a in r.advantages]})
         return r
 
     def train_step(self):
@@ -56,13 +63,20 @@ class RecordingPPO(PPOTrainer):
         return record
 
 
-def run(out_dir, name, *, dist=None, seed=0, run_dir=None, **kw):
+def graded_reward(prompt, response):
+    """Many distinct values: the ranks' batches then have different means and stds."""
+    return response[0] / 16 + response[-1] / 256
+
+
+def run(out_dir, name, *, dist=None, seed=0, run_dir=None, reward_fn=bandit_reward, **kw):
     cfg = PPOConfig(out_dir=os.path.join(out_dir, run_dir or name), **{**BASE, **kw})
-    trainer = RecordingPPO(tiny_gpt(seed), cfg, PROMPTS, reward_fn=bandit_reward, dist=dist)
+    trainer = RecordingPPO(tiny_gpt(seed), cfg, PROMPTS, reward_fn=reward_fn, dist=dist)
     initial = trainer.trained_params()
     summary = {k: v for k, v in trainer.fit().items() if k not in ("checkpoint", "seconds")}  # run-specific
-    torch.save({"initial": initial, "drawn": trainer.drawn, "after_step": trainer.after_step,
-                "records": trainer.records, "summary": summary,
+    final = trainer.final_policy  # the full weights, on rank 0 only under fsdp
+    final = torch.cat([p.detach().flatten() for p in final.parameters()]) if final is not None else None
+    torch.save({"initial": initial, "drawn": trainer.drawn, "after_step": trainer.after_step, "final": final,
+                "records": trainer.records, "summary": summary, "rollouts": trainer.rollouts,
                 "world_size": trainer.dist.world_size},
                os.path.join(out_dir, f"{name}.rank{trainer.dist.rank}.pt"))
 
@@ -71,6 +85,7 @@ def main(out_dir, mode):
     torch.set_num_threads(1)
     if mode == "resume":
         run(out_dir, "resumed", run_dir="half", steps=3, resume=True)
+        run(out_dir, "ppo_fsdp_resumed", run_dir="ppo_fsdp_half", steps=2, resume=True, parallel="fsdp")
         return
     dist = init_distributed("cpu")
     try:
@@ -78,6 +93,15 @@ def main(out_dir, mode):
         run(out_dir, "half", dist=dist, steps=2)
         run(out_dir, "head", dist=dist, steps=2, critic="head")
         run(out_dir, "grpo", dist=dist, seed=dist.rank, steps=2, advantage="grpo", group_size=2)
+        # the same runs with the policy, critic and reference sharded (FSDP2)
+        run(out_dir, "grpo_fsdp", dist=dist, seed=dist.rank, steps=2, advantage="grpo", group_size=2,
+            parallel="fsdp")
+        run(out_dir, "ppo_fsdp", dist=dist, steps=2, parallel="fsdp")
+        run(out_dir, "ppo_fsdp_half", dist=dist, steps=1, parallel="fsdp")
+        # the estimators that normalise over the batch: one step each, their advantages checked by the test
+        for name, advantage in (("grpo_batch", "grpo"), ("reinforce_pp", "reinforce_pp")):
+            run(out_dir, name, dist=dist, steps=1, advantage=advantage, group_size=2, scale_rewards="batch",
+                checkpoint_interval=0, reward_fn=graded_reward)
     finally:
         dist.close()
 

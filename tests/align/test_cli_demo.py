@@ -8,13 +8,17 @@ import pytest
 from fastllm.data import train_tokenizer
 from fastllm.demo import AdditionTask
 from fastllm.cli import main as fastllm_cli
-from fastllm.train import ppo
+from fastllm.train import rl
 from fastllm.train.chat import write_jsonl
 
 
 
-def exact_sum(prompt, response):  # importable reward function for --reward-fn
+def exact_sum(prompt, response):  # importable reward functions for --reward-fn
     return AdditionTask.reward(prompt, response)
+
+
+def short(prompt, response, token_ids):
+    return -len(token_ids) / 8
 
 
 def test_stage_clis_chain(tmp_path, capsys, addition_setup):
@@ -33,8 +37,11 @@ def test_stage_clis_chain(tmp_path, capsys, addition_setup):
     ppo_flags = ["--prompts", str(tmp_path / "prompts.jsonl"), "--init", str(tmp_path / "sft"), "--steps", "2",
                  "--batch-size", "4", "--minibatch-size", "4", "--max-new-tokens", "3", "--no-progress"]
     assert fastllm_cli(["ppo", *ppo_flags, "--reward-model", str(tmp_path / "rm"), "--out", str(tmp_path / "ppo")]) == 0
-    assert fastllm_cli(["ppo", *ppo_flags, "--reward-fn", f"{__name__}:exact_sum", "--advantage", "grpo", "--group-size", "2",
-                    "--out", str(tmp_path / "grpo")]) == 0
+    assert fastllm_cli(["ppo", *ppo_flags, "--reward-fn", f"{__name__}:exact_sum", f"{__name__}:short",
+                        "--reward-weights", "1", "0.1", "--advantage", "rloo", "--group-size", "2", "--loss-agg",
+                        "seq_mean_token_mean", "--ratio-level", "sequence", "--out", str(tmp_path / "grpo")]) == 0
+    grpo_log = [json.loads(line) for line in open(tmp_path / "grpo" / "ppo.jsonl")]
+    assert {"rewards/exact_sum/mean", "rewards/short/mean"} <= grpo_log[-1].keys()
     assert fastllm_cli(["dpo", "--data", str(tmp_path / "pairs.jsonl"), "--init", str(tmp_path / "sft"),
                     "--out", str(tmp_path / "dpo"), "--steps", "2", *common]) == 0
     for stage, log in (("sft", "sft"), ("rm", "reward"), ("ppo", "ppo"), ("grpo", "ppo"), ("dpo", "dpo")):
@@ -52,9 +59,9 @@ def test_stage_clis_chain(tmp_path, capsys, addition_setup):
 
 def test_bad_reward_fn_spec():
     with pytest.raises(ValueError, match="module:function"):
-        ppo.load_reward_fn("no_colon")
+        rl.load_reward_fn("no_colon")
     with pytest.raises(ValueError, match="no callable 'nope'"):
-        ppo.load_reward_fn(f"{__name__}:nope")
+        rl.load_reward_fn(f"{__name__}:nope")
 
 
 def test_task_teacher_and_pairs():
@@ -106,11 +113,12 @@ def test_demo_reduced_runs_end_to_end(tmp_path):
 
     report = run_demo(tmp_path / "demo", reduced=True, progress=False, threads=1)
     ev = report["evaluation"]
-    assert set(ev) == {"sft", "ppo", "dpo"}
+    assert set(ev) == {"sft", "ppo", "grpo", "dpo"}
     for name, e in ev.items():
         assert 0.0 <= e["true_score"] <= 1.0 and e["true_score_seed_std"] >= 0.0
         assert len(e["true_score_seeds"]) == report["sizes"]["eval_seeds"] >= 2
-    assert ev["ppo"]["kl_to_sft"] >= 0.0 and ev["dpo"]["kl_to_sft"] >= 0.0
+    for name in ("ppo", "grpo", "dpo"):
+        assert ev[name]["kl_to_sft"] >= 0.0 and 1.0 <= ev[name]["mean_length"] <= report["sizes"]["max_new_tokens"]
     rm = report["reward_model"]
     assert 0.0 <= rm["heldout_pairwise_accuracy"] <= 1.0 and rm["pairs"]["labelled_sft_samples"] > 0
     # the surface mistake generalises to prompts the reward model never saw
@@ -121,9 +129,15 @@ def test_demo_reduced_runs_end_to_end(tmp_path):
     assert p["noise_used"] > 0.0 and p["required_margin"] == pytest.approx(2 * p["noise_used"])
     assert p["improved_beyond_noise"], report["ppo_vs_sft"]
     assert report["final_kl_ppo"] < 5.0
+    # GRPO on the task's checker reaches its target, more than twice the noise above PPO on the reward model
+    g = report["grpo_vs_ppo"]
+    assert g["target"] == report["sizes"]["grpo_target"] >= 0.5 and ev["grpo"]["true_score"] >= g["target"], g
+    assert g["reached_target"] and ev["grpo"]["true_score"] > ev["sft"]["true_score"] + 0.3, g
+    assert g["beats_ppo_beyond_noise"], report["grpo_vs_ppo"]
     assert report["kernels"]["backend"] in ("cpp", "torch", "triton") and report["kernels"]["ops"]
     assert report["timings_s"]["total"] < 180
-    for f in ("report.md", "report.json", "summary.png", "ppo/ppo.png", "sft/sft.png", "reward/reward.png",
-              "dpo/dpo.png"):
+    for f in ("report.md", "report.json", "summary.png", "rl_curves.png", "ppo/ppo.png", "grpo/ppo.png", "sft/sft.png",
+              "reward/reward.png", "dpo/dpo.png"):
         assert (tmp_path / "demo" / f).is_file(), f
-    assert "PPO beats SFT" in (tmp_path / "demo" / "report.md").read_text()
+    text = (tmp_path / "demo" / "report.md").read_text()
+    assert "PPO beats SFT" in text and f"GRPO reaches the target true score {g['target']:.2f}" in text

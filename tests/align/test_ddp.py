@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ddp_ppo_worker import BASE, PROMPTS, tiny_gpt  # pytest puts this folder on sys.path
+from fastllm import ops
 from fastllm.train.chat import batch_indices
 from fastllm.train.checkpoint import load_checkpoint
 from torchrun_launch import torchrun as launch
@@ -92,8 +93,30 @@ def test_grpo_starts_every_rank_from_rank0_weights_and_stays_identical(ppo_runs)
     assert_ranks_identical(r0, r1, 2)
 
 
-def test_ppo_resume_under_torchrun_continues_exactly(ppo_runs):
+def test_batch_normalised_advantages_use_the_whole_batch(ppo_runs):
+    """scale_rewards="batch" divides by the std of every rank's scores, and REINFORCE++ whitens over every rank's
+    tokens: the advantages are those of one process holding both ranks' rollouts."""
+    r0, r1 = ranks(ppo_runs, "grpo_batch")
+    scores = [r["rollouts"][0]["scores"] for r in (r0, r1)]
+    both = ops.group_advantages(torch.cat(scores), 2, scale="batch")
+    got = torch.cat([torch.stack([a[0] for a in r["rollouts"][0]["advantages"]]) for r in (r0, r1)])
+    torch.testing.assert_close(got, both)
+    alone = ops.group_advantages(scores[0], 2, scale="batch")
+    assert not torch.allclose(alone, both[:len(alone)])  # rank 0's batch alone has another std: not vacuous
+    tokens = [torch.cat(r["rollouts"][0]["advantages"]) for r in ranks(ppo_runs, "reinforce_pp")]
+    union = torch.cat(tokens).double()
+    assert abs(union.mean().item()) < 1e-6 and abs(union.pow(2).mean().item() - 1.0) < 1e-5
+    assert max(abs(t.double().mean().item()) for t in tokens) > 1e-3  # each rank alone is not whitened
+
+
+@pytest.fixture(scope="module")
+def resumed_runs(ppo_runs):
     torchrun("ddp_ppo_worker.py", ppo_runs, "resume")
+    return ppo_runs
+
+
+def test_ppo_resume_under_torchrun_continues_exactly(resumed_runs):
+    ppo_runs = resumed_runs
     full, resumed = ranks(ppo_runs, "ppo"), ranks(ppo_runs, "resumed")
     for r in range(2):
         assert len(resumed[r]["after_step"]) == 1  # step 3 only: steps 1 and 2 came from the checkpoint
@@ -104,6 +127,68 @@ def test_ppo_resume_under_torchrun_continues_exactly(ppo_runs):
         assert resumed[r]["summary"] == full[r]["summary"]  # with the adaptive KL coefficient
     logged = [[json.loads(line)["reward"] for line in open(ppo_runs / run / "ppo.jsonl")] for run in ("ppo", "half")]
     assert logged[0] == logged[1] and len(logged[0]) == 3
+
+
+# ------------------------------------------------------------------------------------------------ FSDP
+def key_bias_mask(model):
+    """True on the flattened parameters but the attention's key bias: softmax ignores it, so its gradient is
+    rounding noise, which AdamW (eps 1e-8) turns into steps of lr size that two reduction orders do not share."""
+    keep = []
+    for name, p in model.named_parameters():
+        m = torch.ones_like(p, dtype=torch.bool)
+        if name.endswith("attn.c_attn.bias"):
+            m[p.numel() // 3:2 * p.numel() // 3] = False
+        keep.append(m.flatten())
+    return torch.cat(keep)
+
+
+def assert_records_close(got, expected):
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert a.keys() == b.keys()
+        for k in a:
+            if isinstance(a[k], float):
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+            else:
+                assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("run, baseline", [("grpo_fsdp", "grpo"), ("ppo_fsdp", "half")])
+def test_fsdp_equals_ddp_step_by_step(ppo_runs, run, baseline):
+    """Policy, critic and reference sharded: the same draws, per-step metrics and weights as the ddp run (each
+    rank its own prompts, gradients averaged), to fp32 rounding: FSDP reduce-scatters them in another order."""
+    fsdp, ddp = ranks(ppo_runs, run), ranks(ppo_runs, baseline)
+    steps = len(ddp[0]["after_step"])
+    assert_ranks_identical(*fsdp, steps)  # gathered from the shards: every rank sees the same full weights
+    keep = key_bias_mask(tiny_gpt(0))
+    for r in range(2):
+        assert fsdp[r]["drawn"] == ddp[r]["drawn"]
+        assert_records_close(fsdp[r]["records"], ddp[r]["records"])
+        for step, (a, b) in enumerate(zip(fsdp[r]["after_step"], ddp[r]["after_step"])):
+            assert a.keys() == b.keys()
+            for name in a:
+                same = keep if name == "policy" else slice(None)
+                torch.testing.assert_close(a[name][same], b[name][same], rtol=1e-5, atol=1e-6, msg=f"{step} {name}")
+    assert torch.equal(fsdp[0]["final"], fsdp[0]["after_step"][-1]["policy"]) and fsdp[1]["final"] is None
+
+
+def test_fsdp_checkpoint_resumes_exactly_and_loads_on_one_process(resumed_runs, capsys):
+    from fastllm import cli
+
+    full, resumed = ranks(resumed_runs, "ppo_fsdp"), ranks(resumed_runs, "ppo_fsdp_resumed")
+    for r in range(2):
+        assert resumed[r]["drawn"] == full[r]["drawn"][1:]
+        for name, value in full[r]["after_step"][1].items():
+            assert torch.equal(resumed[r]["after_step"][0][name], value), (r, name)
+        assert resumed[r]["records"] == full[r]["records"][1:] and resumed[r]["summary"] == full[r]["summary"]
+    run = resumed_runs / "ppo_fsdp"
+    ckpt = load_checkpoint(run)
+    assert ckpt.sharded and ckpt.step == 2
+    policy = tiny_gpt(0)
+    ckpt.load_model(policy)  # the 2 processes' shards, read by one
+    assert torch.equal(torch.cat([p.flatten() for p in policy.parameters()]), full[0]["after_step"][-1]["policy"])
+    assert cli.main(["generate", "--ckpt", str(run), "--prompt", "x"]) == 1
+    assert "fastllm export --ckpt" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ DPO via the CLI

@@ -6,9 +6,14 @@ import pytest
 import torch
 
 from fastllm.model import GPT, GPTConfig
-from fastllm.train.ppo import (PPOConfig, PPOTrainer, group_advantages, kl_estimate, pack_responses,
-                               response_logprobs, token_rewards, whiten)
 from fastllm import ops
+from fastllm.train.rl import (PartialBatchError, PPOConfig, PPOTrainer, RewardError, Rollout, dynamic_sample,
+                              overlong_penalty, pack_responses, response_logprobs, token_rewards)
+from fastllm.train.rl.advantages import apply_rollout_correction
+
+
+def kl_estimate(logprobs, ref_logprobs, estimator):
+    return ops.kl_penalty(logprobs, ref_logprobs, estimator)[0]
 
 V = 16
 PROMPTS = [[2 + i % 5, 3 + i % 7, 4 + i % 3][: 1 + i % 3] for i in range(24)]  # lengths 1..3: packing matters
@@ -44,17 +49,6 @@ def test_ppo_raises_reward_on_bandit(tmp_path, critic):
     for _ in range(12):
         trainer.train_step()
     last = mean_reward(trainer, 4)
-    assert first < 0.45 and last > first + 0.3, (first, last)
-
-
-def test_grpo_raises_reward_on_bandit(tmp_path):
-    cfg = config(tmp_path, advantage="grpo", group_size=4, batch_size=4, minibatch_size=8)
-    trainer = PPOTrainer(tiny_gpt(), cfg, PROMPTS, reward_fn=bandit_reward)
-    assert trainer.critic is None and trainer.value_head is None  # no critic in GRPO
-    first = mean_reward(trainer, 3)
-    for _ in range(12):
-        trainer.train_step()
-    last = mean_reward(trainer, 3)
     assert first < 0.45 and last > first + 0.3, (first, last)
 
 
@@ -171,25 +165,6 @@ def test_gae_hand_computed():
     torch.testing.assert_close(ret, torch.tensor([[a0 + 0.2, a1 + 0.4, a2 + 0.6], [b0 + 1.0, b1 + 0.5, 0.0]]))
 
 
-def test_whitening_hand_computed():
-    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, -7.0]])
-    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    out = whiten(values, mask, eps=0.0)
-    mean, var = 2.5, (1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 4  # population variance of 1, 2, 3, 4
-    expected = torch.tensor([[1 - mean, 2 - mean, 3 - mean], [4 - mean, 0, 0]]) / math.sqrt(var)
-    torch.testing.assert_close(out, expected)
-    out = out[mask.bool()]
-    assert abs(out.mean().item()) < 1e-6 and abs(out.pow(2).mean().item() - 1) < 1e-5
-
-
-def test_group_advantages_hand_computed():
-    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 3.0, 3.0, 3.0, 3.0])
-    adv = group_advantages(scores, 4, eps=0.0 + 1e-12)
-    std = math.sqrt(((0.5**2) * 4) / 3)  # sample std of 1, 0, 0, 1
-    torch.testing.assert_close(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / std)
-    assert torch.equal(adv[4:], torch.zeros(4))  # a group with one score carries no signal
-
-
 # ---------------------------------------------------------------------------------------------- resume
 @pytest.mark.parametrize("advantage", ["gae", "grpo"])
 def test_ppo_resume_continues_exactly(tmp_path, advantage):
@@ -218,3 +193,157 @@ def test_ppo_resume_with_changed_settings_warns(tmp_path, recwarn):
     assert not [w for w in recwarn if "changed settings" in str(w.message)]  # more steps only extend the run
     with pytest.warns(UserWarning, match=r"changed settings \{'clip_eps': \(0.2, 0.3\)\}"):
         PPOTrainer(tiny_gpt(), config(tmp_path, **kw, clip_eps=0.3, resume=True), PROMPTS, reward_fn=bandit_reward)
+
+
+# ---------------------------------------------------------------------------------------------- the variants
+@pytest.mark.parametrize("advantage,loss_agg,ratio_level,scale", [
+    ("grpo", "token_mean", "token", "group"), ("rloo", "seq_mean_token_mean", "token", "group"),
+    ("dr_grpo", "token_sum_norm", "token", "group"), ("reinforce_pp", "token_mean", "token", "group"),
+    ("grpo", "seq_mean_token_sum", "sequence", "batch")], ids=["grpo", "rloo", "dr_grpo", "reinforce_pp", "gspo"])
+def test_critic_free_estimators_raise_reward_on_bandit(tmp_path, advantage, loss_agg, ratio_level, scale):
+    cfg = config(tmp_path, advantage=advantage, group_size=4, batch_size=4, minibatch_size=8, loss_agg=loss_agg,
+                 ratio_level=ratio_level, scale_rewards=scale, clip_eps_high=0.28 if ratio_level == "token" else 0.0)
+    trainer = PPOTrainer(tiny_gpt(), cfg, PROMPTS, reward_fn=bandit_reward)
+    assert trainer.critic is None and trainer.value_head is None
+    first = mean_reward(trainer, 3)
+    for _ in range(10):
+        trainer.train_step()
+    last = mean_reward(trainer, 3)
+    assert first < 0.45 and last > first + 0.3, (first, last)
+
+
+@pytest.mark.parametrize("loss_agg,ratio_level", [("seq_mean_token_sum", "sequence"), ("token_sum_norm", "token")])
+def test_fused_update_matches_materialised_logits_in_every_mode(tmp_path, loss_agg, ratio_level):
+    params = []
+    for fused in (True, False):
+        cfg = config(tmp_path / str(fused), fused=fused, max_new_tokens=4, advantage="grpo", group_size=2,
+                     batch_size=4, loss_agg=loss_agg, ratio_level=ratio_level, kl_estimator="k2", kl_clamp=10.0)
+        trainer = PPOTrainer(tiny_gpt(), cfg, PROMPTS, reward_fn=bandit_reward)
+        trainer.train_step()
+        params.append(torch.cat([p.detach().flatten() for p in trainer.policy.parameters()]))
+    torch.testing.assert_close(params[0], params[1], atol=2e-5, rtol=1e-4)
+    assert not torch.equal(params[0], torch.cat([p.flatten() for p in tiny_gpt().parameters()]))
+
+
+TRL_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/min_length",
+               "completions/max_length", "completions/clipped_ratio", "completions/mean_terminated_length", "kl",
+               "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "num_tokens",
+               "sampling/sampling_logp_difference/mean", "sampling/sampling_logp_difference/max",
+               "sampling/importance_sampling_ratio/min", "sampling/importance_sampling_ratio/mean",
+               "sampling/importance_sampling_ratio/max")
+
+
+def first_token_small(prompt, response, token_ids):
+    assert response == token_ids  # without a template both are the token ids
+    return float(token_ids[0] < 8)
+
+
+def test_weighted_reward_functions_and_trl_metric_names(tmp_path):
+    cfg = config(tmp_path, advantage="grpo", group_size=4, batch_size=4, max_new_tokens=3, tis="token_truncate")
+    trainer = PPOTrainer(tiny_gpt(), cfg, PROMPTS, reward_fn=[bandit_reward, first_token_small],
+                         reward_weights=[1.0, 0.5])
+    r = trainer.rollout()
+    bandit, small = r.reward_parts["bandit_reward"], r.reward_parts["first_token_small"]
+    torch.testing.assert_close(r.raw_scores, bandit + 0.5 * small)
+    assert torch.equal(bandit, torch.tensor([float(x[0] < 4) for x in r.responses]))
+    record = trainer.train_step()
+    for key in TRL_METRICS + ("rewards/bandit_reward/mean", "rewards/bandit_reward/std",
+                              "rewards/first_token_small/mean", "rewards/first_token_small/std"):
+        assert key in record and math.isfinite(record[key]), key
+    assert record["completions/min_length"] <= record["completions/mean_length"] <= record["completions/max_length"]
+    assert record["clip_ratio/region_mean"] == record["clip_fraction"]
+    assert 0 <= record["frac_reward_zero_std"] <= 1
+    # generation's and the update's log-probs agree on the CPU: TIS weights are ~1 and nothing is corrected
+    assert record["sampling/sampling_logp_difference/max"] < 1e-4
+    assert record["sampling/corrected_fraction"] == 0.0
+
+
+def test_a_raising_reward_is_reported_with_its_sample(tmp_path):
+    def fragile(prompt, response):
+        if response[0] == response[0]:  # always
+            raise KeyError("no answer")
+        return 0.0
+
+    trainer = PPOTrainer(tiny_gpt(), config(tmp_path, max_new_tokens=2), PROMPTS, reward_fn=[bandit_reward, fragile])
+    with pytest.raises(RewardError, match=r"reward function 'fragile' raised KeyError: 'no answer' on the sample "
+                                          r"prompt=\[\d.*\] response=\[\d"):
+        trainer.rollout()
+    nan = PPOTrainer(tiny_gpt(), config(tmp_path, max_new_tokens=2), PROMPTS, reward_fn=lambda p, r: float("nan"))
+    with pytest.raises(RewardError, match="must return a finite number, got nan"):
+        nan.rollout()
+
+
+def test_tis_weights_scale_the_advantages():
+    r = Rollout(prompts=[[1], [2]], responses=[[3, 4], [5]], stopped=[True, True], scores=torch.zeros(2),
+                raw_scores=torch.zeros(2), sample_logprobs=[torch.tensor([-1.0, -2.0]), torch.tensor([-3.0])],
+                order=[0, 1], old_logprobs=[torch.tensor([-0.5, -2.0]), torch.tensor([-4.0])],
+                advantages=[torch.tensor([1.0, 1.0]), torch.tensor([-2.0])])
+    metrics = apply_rollout_correction(r, PPOConfig(tis="token_truncate", tis_threshold=1.5))
+    torch.testing.assert_close(torch.cat(r.advantages), torch.tensor([1.5, 1.0, -2.0 * math.exp(-1.0)]))
+    assert metrics["sampling/sampling_logp_difference/max"] == 1.0
+    assert metrics["sampling/corrected_fraction"] == pytest.approx(1 / 3)
+
+
+def test_overlong_penalty_hand_computed():
+    lengths = torch.tensor([4, 6, 7, 8, 10])
+    # L_max 10, buffer 4: free up to 6, then -(L - 6) / 4
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 4, 2.0), torch.tensor([0.0, 0.0, -0.5, -1.0, -2.0]))
+    assert torch.equal(overlong_penalty(lengths, 10, 0), torch.zeros(5))
+
+
+# ---------------------------------------------------------------------------------------------- dynamic sampling
+def scripted_rounds(*rounds):
+    """sample_round for dynamic_sample: round k returns the scores rounds[k] (groups of 2) and their indices."""
+    def sample(k):
+        scores = torch.tensor(rounds[k], dtype=torch.float32)
+        return {"id": [(k, i) for i in range(len(scores))]}, scores
+    return sample
+
+
+def test_dynamic_sampling_fills_the_batch_with_informative_groups():
+    sample = scripted_rounds([1, 1, 0, 1, 0, 0], [1, 0, 1, 1, 0, 1])  # round 0: one group with signal of 3
+    columns, scores, record = dynamic_sample(sample, groups_wanted=3, group_size=2, max_rounds=4)
+    assert columns["id"] == [(0, 2), (0, 3), (1, 0), (1, 1), (1, 4), (1, 5)]
+    assert scores.tolist() == [0, 1, 1, 0, 0, 1]
+    assert record == {"rounds": 2, "groups_seen": 6, "groups_kept": 3, "fill": 1.0}
+
+
+def test_dynamic_sampling_never_returns_a_partial_batch_silently():
+    sample = scripted_rounds([1, 1, 0, 1], [0, 0, 1, 1])  # one informative group in two rounds; 2 wanted
+    with pytest.raises(PartialBatchError, match="kept 1 of the 2 groups wanted after 2 generation rounds"):
+        dynamic_sample(sample, groups_wanted=2, group_size=2, max_rounds=2)
+    with pytest.warns(UserWarning, match="kept 1 of the 2 groups wanted"):
+        columns, scores, record = dynamic_sample(sample, groups_wanted=2, group_size=2, max_rounds=2, partial="warn")
+    assert len(columns["id"]) == 2 and record["fill"] == 0.5
+    # every process keeps as many groups as the one that kept fewest (here a fake other process with none)
+    with pytest.raises(PartialBatchError, match="kept 0 of the 2"):
+        dynamic_sample(sample, groups_wanted=2, group_size=2, max_rounds=2, partial="warn", agree=lambda kept: 0)
+
+
+def test_trainer_dynamic_sampling_keeps_full_batches_of_informative_groups(tmp_path):
+    cfg = config(tmp_path, advantage="grpo", group_size=4, batch_size=4, max_new_tokens=2, dynamic_sampling=True,
+                 max_sampling_rounds=8, overlong_buffer=1, overlong_penalty=0.0)
+    trainer = PPOTrainer(tiny_gpt(), cfg, PROMPTS, reward_fn=bandit_reward)
+    for _ in range(2):
+        r = trainer.rollout()
+        assert len(r.responses) == cfg.rollout_size
+        groups = r.scores.view(-1, 4)
+        assert (groups.max(1).values > groups.min(1).values).all()
+        assert r.sampling["groups_kept"] == 4 and r.sampling["fill"] == 1.0
+        record = trainer.train_step()
+        assert record["frac_reward_zero_std"] == 0.0 and record["dynamic_sampling/fill"] == 1.0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("advantage", "ppo", "advantage must be one of"), ("loss_agg", "mean", "loss_agg must be one of"),
+    ("ratio_level", "seq", "ratio_level must be one of"), ("tis", "token", "tis must be one of"),
+    ("group_size", 1, "group_size must be >= 2 with advantage='rloo'"), ("overlong_buffer", 99, "overlong_buffer")])
+def test_bad_config_names_the_field(field, value, message):
+    kw = {"advantage": "rloo", "group_size": 2, field: value}
+    with pytest.raises(ValueError, match=message):
+        PPOConfig(**kw)
+
+
+def test_reward_weights_must_match_the_functions(tmp_path):
+    with pytest.raises(ValueError, match="reward_weights must be 2 finite numbers"):
+        PPOTrainer(tiny_gpt(), config(tmp_path), PROMPTS, reward_fn=[bandit_reward, bandit_reward], reward_weights=[1.0])

@@ -6,7 +6,7 @@ from numerics import (BACKEND_DEVICES, DTYPES, KERNEL_BACKEND_DEVICES, assert_ma
                       on_backend)
 
 from fastllm import ops
-from fastllm.ops import fused_linear
+from fastllm.ops import fused_linear, rl
 from fastllm.ops.fused_linear import reference
 
 IGNORE = -100
@@ -130,6 +130,44 @@ def test_matches_float64(case, backend, device, dtype, shape, config):
                            chunk if namespace is ops else {})
 
     check(case, backend, device, lambda ns, *t: call(ns, *t), lambda ns, *t: call(ns, *t), [hidden, weight, bias])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PPO's aggregation modes and GSPO's sequence ratio: sequences over flat tokens (cu_seqlens: lengths 4, 1, 0, 6, 3,
+# chunk_size 5 -> chunks of whole sequences [4 + 1 + 0], [6: longer than a chunk, alone], [3]) and as the rows of
+# 2-D labels (3 rows of 5, chunk_size 7 -> one row per chunk)
+# ---------------------------------------------------------------------------------------------------------
+PPO_MODES = [(agg, level) for agg in rl.LOSS_AGGREGATIONS for level in rl.RATIO_LEVELS]
+LAYOUTS = {"cu_seqlens": ((14,), 5, torch.tensor([0, 4, 5, 5, 11, 14]), 20.0), "rows": ((3, 5), 7, None, None)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=BACKEND_IDS)
+@pytest.mark.parametrize("loss_agg,ratio_level", PPO_MODES, ids=[f"{a}-{r}" for a, r in PPO_MODES])
+def test_ppo_modes_match_float64(loss_agg, ratio_level, backend, device, layout):
+    token_shape, chunk_size, cu_seqlens, normalizer = LAYOUTS[layout]
+    hidden, weight, bias, labels = make_projection(token_shape, 16, 37, torch.float32, bias=True)
+    extra = [t.float() for t in ppo_inputs(hidden, weight, bias, labels)]
+    options = dict(loss_agg=loss_agg, ratio_level=ratio_level, kl_estimator="k2" if layout == "rows" else "k3",
+                   kl_clamp=0.05 if layout == "rows" else None, ignore_index=IGNORE, **PPO_ARGS)
+    if cu_seqlens is not None:
+        options["cu_seqlens"] = cu_seqlens.to(device)
+    if loss_agg == "token_sum_norm" and normalizer is not None:
+        options["normalizer"] = normalizer
+
+    def call(namespace, h, w, b):
+        out = namespace.linear_ppo_loss(h, w, labels.to(h.device), *[t.to(h.device) for t in extra[:3]], bias=b,
+                                        ref_logprobs=extra[3].to(h.device), **options,
+                                        **({"chunk_size": chunk_size} if namespace is ops else {}))
+        return (out.loss, *(getattr(out, field) for field in out._fields[1:]))
+
+    check(f"ppo {loss_agg} {ratio_level}", backend, device, call, call, [hidden, weight, bias])
+
+
+def test_sequence_chunks_hold_whole_sequences():
+    assert fused_linear._sequence_chunks([0, 4, 5, 5, 11, 14], 5) == [((0, 5),), ((5, 11),), ((11, 14),)]
+    assert fused_linear._sequence_chunks([0, 2, 4, 6], 100) == [((0, 6),)]
+    assert fused_linear._sequence_chunks([0, 0], 3) == [((0, 0),)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,6 +356,13 @@ def _bad_input_calls():
         (lambda h, w, y, m: ppo(h, w, y, m, m, y > 0, kl_coef=0.1), ValueError, "ref_logprobs is required"),
         (lambda h, w, y, m: ppo(h, w, y, m, m, y > 0, clip_eps=1.5), ValueError, "clip_eps must be"),
         (lambda h, w, y, m: ppo(h, w, y, m, m, y > 0, dual_clip=0.5), ValueError, "dual_clip must be"),
+        (lambda h, w, y, m: ppo(h, w, y, m, m, y > 0, ratio_level="sequence"), ValueError,
+         r"needs sequences: a 2-D \(batch, T\) labels .* or cu_seqlens"),
+        (lambda h, w, y, m: ppo(h, w, y, m, m, y > 0, loss_agg="seq_mean_token_sum",
+                                cu_seqlens=torch.tensor([0, 2, 5])), ValueError, "from 0 to the 4 tokens"),
+        (lambda h, w, y, m: ppo(h, w, y, m, m, y > 0, loss_agg="token_sum_norm"), ValueError, "needs normalizer="),
+        (lambda h, w, y, m: ppo(h.view(2, 2, 16), w, y.view(2, 2), m.view(2, 2), m.view(2, 2), y.view(2, 2) > 0,
+                                cu_seqlens=torch.tensor([0, 4])), ValueError, "cu_seqlens applies to flat"),
     ]
 
 
@@ -367,8 +412,11 @@ def _opcheck_samples(device):
          (hidden, weight, bias, labels, lse, *vectors, 1.0, 4, grads)),
         (torch.ops.fastllm.linear_cross_entropy.default, (h, w, b, labels, IGNORE, 0.1, True, 4, grads)),
         (torch.ops.fastllm.linear_ppo_loss.default, (h, w, None, labels, vectors[0] - 3, vectors[1], mask,
-                                                     vectors[2] - 3, 1.0, IGNORE, 0.2, 0.2, 3.0, 0.1, 0.01, 4,
-                                                     [True, True, False])),
+                                                     mask / 6, vectors[2] - 3, None, 1.0, IGNORE, 0.2, 0.2, 3.0,
+                                                     0.1, "k3", None, 0.01, "token", 4, [True, True, False])),
+        (torch.ops.fastllm.linear_ppo_loss.default, (h, w, None, labels, vectors[0] - 3, vectors[1], mask,
+                                                     mask / 2, None, torch.tensor([0, 2, 6]), 1.0, IGNORE, 0.2,
+                                                     0.28, None, 0.0, "k2", 10.0, 0.0, "sequence", 3, grads)),
         (torch.ops.fastllm.linear_dpo_loss.default, (h, w, b, labels, vectors[0, :2], vectors[1, :2], 2, 0.1,
                                                      "sigmoid", 0.0, IGNORE, 4, grads)),
     ]

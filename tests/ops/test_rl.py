@@ -8,7 +8,7 @@ from numerics import (BACKEND_DEVICES, DTYPES, KERNEL_BACKEND_DEVICES, assert_ma
                       on_backend)
 
 from fastllm import ops
-from fastllm.ops import rl
+from fastllm.ops import rl, rl_estimators
 
 BACKEND_IDS = [b for b, _ in BACKEND_DEVICES]
 KERNEL_IDS = [b for b, _ in KERNEL_BACKEND_DEVICES]
@@ -130,6 +130,198 @@ def test_ppo_extreme_log_ratios_are_finite():
     grad = grad_of(lambda x: ops.ppo_policy_loss(x, old, tensor([1.0, -1.0, 1.0]),
                                                  tensor([1, 1, 1], torch.bool)).loss, logprobs)
     assert torch.isfinite(out.loss) and torch.all(torch.isfinite(grad))
+
+
+# Loss aggregation: ratio 1 everywhere, so each token's loss is -A_t. Two sequences (rows), the second with its
+# last two tokens masked: row 0 has 3 tokens with losses -1, -2, -3; row 1 has 1 token with loss -4.
+AGG_ADVANTAGES = [[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]]
+AGG_MASK = [[1, 1, 1], [1, 0, 0]]
+AGG_EXPECTED = {  # (loss, d loss / d logp per token): d l_t / d logp_t = -A_t at ratio 1
+    "token_mean": ((-1 - 2 - 3 - 4) / 4, [[-1 / 4, -2 / 4, -3 / 4], [-4 / 4, 0, 0]]),
+    "seq_mean_token_mean": (((-1 - 2 - 3) / 3 + -4 / 1) / 2, [[-1 / 6, -2 / 6, -3 / 6], [-4 / 2, 0, 0]]),
+    "seq_mean_token_sum": (((-1 - 2 - 3) + -4) / 2, [[-1 / 2, -2 / 2, -3 / 2], [-4 / 2, 0, 0]]),
+    "token_sum_norm": ((-1 - 2 - 3 - 4) / 6, [[-1 / 6, -2 / 6, -3 / 6], [-4 / 6, 0, 0]]),  # 2 rows x 3 columns
+}
+
+
+@pytest.mark.parametrize("loss_agg", list(AGG_EXPECTED))
+def test_loss_aggregation_hand_computed(loss_agg):
+    old = tensor([[-1.0, -2.0, -0.5], [-3.0, float("nan"), float("nan")]])  # NaN padding must not leak
+    advantages, mask = tensor(AGG_ADVANTAGES), tensor(AGG_MASK, torch.bool)
+    call = lambda x: ops.ppo_policy_loss(x, old, advantages, mask, loss_agg=loss_agg)  # noqa: E731
+    loss, grad = AGG_EXPECTED[loss_agg]
+    logprobs = torch.where(mask, old, 0.0)
+    torch.testing.assert_close(call(logprobs).loss, tensor(loss))
+    torch.testing.assert_close(grad_of(lambda x: call(x).loss, logprobs), tensor(grad))
+    # the same tokens flat, with the sequences given by cu_seqlens (token_sum_norm's normalizer then explicit)
+    flat = dict(cu_seqlens=torch.tensor([0, 3, 6]), normalizer=6.0 if loss_agg == "token_sum_norm" else None)
+    flat_loss = ops.ppo_policy_loss(logprobs.flatten(), old.flatten(), advantages.flatten(), mask.flatten(),
+                                    loss_agg=loss_agg, **flat).loss
+    torch.testing.assert_close(flat_loss, tensor(loss))
+
+
+def test_token_sum_norm_normalizer_and_statistics():
+    logprobs, advantages, mask = torch.zeros(2, 3), tensor(AGG_ADVANTAGES), tensor(AGG_MASK, torch.bool)
+    out = ops.ppo_policy_loss(logprobs, logprobs, advantages, mask, loss_agg="token_sum_norm", normalizer=20.0)
+    torch.testing.assert_close(out.loss, tensor(-10.0 / 20.0))
+    # the statistics stay masked token means whatever the aggregation
+    torch.testing.assert_close(out.ratio_mean, tensor(1.0))
+    assert out.clip_fraction == 0 and out.clip_low_fraction == 0 and out.clip_high_fraction == 0
+
+
+def test_gspo_sequence_ratio_hand_computed():
+    """GSPO: s_i = exp(mean of the sequence's log-ratios), clipped per sequence, the same for all its tokens."""
+    old = torch.zeros(2, 3)
+    log_ratios = tensor([[0.1, -0.2, 0.4], [0.5, 0.9, 7.0]])  # row 1's last token is masked
+    mask = tensor([[1, 1, 1], [1, 1, 0]], torch.bool)
+    advantages = tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, -2.0]])
+    s0, s1 = math.exp(0.3 / 3), math.exp(1.4 / 2)  # 1.105 (inside [0.8, 1.2]), 2.014 (above, A < 0: unclipped)
+    out = ops.ppo_policy_loss(log_ratios, old, advantages, mask, ratio_level="sequence",
+                              loss_agg="seq_mean_token_mean")
+    torch.testing.assert_close(out.loss, tensor((-s0 + 2 * s1) / 2))
+    torch.testing.assert_close(out.ratio_mean, tensor((3 * s0 + 2 * s1) / 5))
+    grad = grad_of(lambda x: ops.ppo_policy_loss(x, old, advantages, mask, ratio_level="sequence",
+                                                 loss_agg="seq_mean_token_mean").loss, log_ratios)
+    # d loss / d logp_t = (1/S) * d(-A s_i)/d log s_i * d log s_i / d logp_t = (1/2) (-A s_i) (1 / n_i)
+    torch.testing.assert_close(grad, tensor([[-s0 / 6] * 3, [2 * s1 / 4] * 2 + [0.0]]))
+    clipped = ops.ppo_policy_loss(log_ratios, old, -advantages, mask, ratio_level="sequence")  # A > 0 at s1: clip
+    torch.testing.assert_close(clipped.loss, tensor((3 * s0 - 2 * 2 * 1.2) / 5))
+    torch.testing.assert_close(clipped.clip_high_fraction, tensor(2 / 5))
+    assert clipped.clip_low_fraction == 0
+
+
+@pytest.mark.parametrize("loss_agg", rl.LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("ratio_level", rl.RATIO_LEVELS)
+def test_weighted_derivative_matches_autograd(loss_agg, ratio_level):
+    """policy_terms' analytic derivative of sum_t w_t l_t (the fused op's) is autograd's, in every mode."""
+    lengths = [5, 1, 0, 9, 4]
+    sequences = rl.Sequences.from_cu_seqlens(torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()]), 19)
+    logprobs = torch.randn(19, dtype=torch.float64) * 0.3 - 1
+    old, advantages = logprobs.detach() + torch.randn(19, dtype=torch.float64) * 0.3, torch.randn(19, dtype=torch.float64)
+    mask, ref = (torch.rand(19) > 0.2).double(), torch.randn(19, dtype=torch.float64) - 1
+    weights = rl.token_weights(mask, loss_agg, sequences, 7.0)
+    args = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, ref_logprobs=ref, kl_coef=0.1, kl_estimator="k2",
+                ratio_level=ratio_level, mask=mask, sequences=sequences)
+    terms = rl.policy_terms(logprobs, old, advantages, weights=weights, with_derivative=True, **args)
+    autograd = grad_of(lambda x: rl.masked_sum(rl.policy_terms(x, old, advantages, **args).loss, weights), logprobs)
+    torch.testing.assert_close(torch.where(mask != 0, terms.dloss_dlogprobs, 0.0), autograd)
+
+
+@pytest.mark.parametrize("estimator,value,derivative", [
+    ("k1", lambda d: d, lambda d: 1.0),
+    ("k2", lambda d: d * d / 2, lambda d: d),
+    ("k3", lambda d: math.exp(-d) + d - 1, lambda d: 1 - math.exp(-d)),
+])
+def test_kl_estimators_hand_computed(estimator, value, derivative):
+    d = [-1.5, -0.1, 0.0, 0.7, 3.0]  # logp - ref
+    logprobs, ref = tensor(d, torch.float64) - 2.0, torch.full((5,), -2.0, dtype=torch.float64)
+    kl, grad = rl.kl_penalty(logprobs, ref, estimator, with_derivative=True)
+    torch.testing.assert_close(kl, tensor([value(x) for x in d], torch.float64))
+    torch.testing.assert_close(grad, tensor([derivative(x) for x in d], torch.float64))
+    torch.testing.assert_close(grad, grad_of(lambda x: rl.kl_penalty(x, ref, estimator)[0].sum(), logprobs))
+    # the low-variance clamp: values beyond +-c are cut and carry no gradient
+    clamped, clamped_grad = rl.kl_penalty(logprobs, ref, estimator, clamp=0.5, with_derivative=True)
+    torch.testing.assert_close(clamped, kl.clamp(-0.5, 0.5))
+    torch.testing.assert_close(clamped_grad, torch.where(kl.abs() <= 0.5, grad, 0.0))
+
+
+def test_kl_as_loss_term_uses_the_estimator():
+    logprobs, ref = tensor([-1.0, -2.0]), tensor([-1.5, -1.0])
+    out = ops.ppo_policy_loss(logprobs, logprobs, tensor([0.0, 0.0]), tensor([1, 1], torch.bool), ref_logprobs=ref,
+                              kl_coef=0.5, kl_estimator="k2")
+    torch.testing.assert_close(out.loss, tensor(0.5 * (0.5**2 / 2 + 1.0**2 / 2) / 2))
+    torch.testing.assert_close(out.ref_kl, tensor((0.5**2 / 2 + 1.0**2 / 2) / 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Advantage estimators, whitening, rollout-mismatch correction
+# ---------------------------------------------------------------------------------------------------------
+SCORES = [1.0, 0.0, 0.0, 1.0, 3.0, 3.0, 3.0, 3.0]  # two groups of 4: one with signal, one without
+
+
+def test_group_advantages_hand_computed():
+    scores = tensor(SCORES)
+    group_std = math.sqrt(4 * 0.5**2 / 3)  # the sample std of 1, 0, 0, 1
+    mean = sum(SCORES) / 8
+    batch_std = math.sqrt(sum((x - mean) ** 2 for x in SCORES) / 7)
+    centred = tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0])
+    for scale, divisor in (("group", group_std), ("batch", batch_std), ("none", 1.0)):
+        adv = rl_estimators.group_advantages(scores, 4, scale=scale, eps=0.0)
+        torch.testing.assert_close(adv, centred / divisor, msg=scale)
+        assert torch.equal(adv[4:], torch.zeros(4))  # a group with one score carries no signal
+
+
+def test_batch_scale_reduces_over_processes():
+    """With reduce_sum the batch std is over every process's scores: here a fake second process holding the same
+    scores again, so the sums double and the sample std is of the 16 scores."""
+    scores = tensor(SCORES)
+    adv = rl_estimators.group_advantages(scores, 4, scale="batch", eps=0.0, reduce_sum=lambda t: t.mul_(2))
+    mean = sum(SCORES) / 8
+    std16 = math.sqrt(2 * sum((x - mean) ** 2 for x in SCORES) / 15)
+    torch.testing.assert_close(adv, tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]) / std16)
+
+
+def test_rloo_hand_computed():
+    adv = rl_estimators.rloo_advantages(tensor([1.0, 0.0, 0.0, 1.0, 2.0, 5.0]), 3)
+    # group (1, 0, 0): 1 - 0, 0 - 0.5, 0 - 0.5; group (1, 2, 5): 1 - 3.5, 2 - 3, 5 - 1.5
+    torch.testing.assert_close(adv, tensor([1.0, -0.5, -0.5, -2.5, -1.0, 3.5]))
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        rl_estimators.rloo_advantages(tensor([1.0, 2.0]), 1)
+
+
+def test_reinforce_pp_hand_computed():
+    rewards = tensor([[-0.1, -0.2, 1.0], [0.3, 0.5, float("nan")]])  # KL penalties, the score on the last token
+    mask = tensor([[1, 1, 1], [1, 1, 0]], torch.bool)
+    returns = [0.7, 0.8, 1.0, 0.8, 0.5]  # reward-to-go with gamma = 1
+    mean = sum(returns) / 5
+    std = math.sqrt(sum((x - mean) ** 2 for x in returns) / 5)
+    adv = rl_estimators.reinforce_pp_advantages(rewards, mask, eps=0.0)
+    expected = tensor([[0.7, 0.8, 1.0], [0.8, 0.5, mean]]) - mean
+    torch.testing.assert_close(adv, torch.where(mask, expected / std, 0.0))
+    discounted = rl_estimators.reinforce_pp_advantages(rewards[:1], mask[:1], gamma=0.5, eps=0.0)
+    g = [-0.1 + 0.5 * (-0.2 + 0.5 * 1.0), -0.2 + 0.5 * 1.0, 1.0]
+    m = sum(g) / 3
+    torch.testing.assert_close(discounted, tensor([[x - m for x in g]]) / math.sqrt(sum((x - m) ** 2 for x in g) / 3))
+
+
+def test_whitening_hand_computed():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, float("nan"), -7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    out = rl_estimators.whiten(values, mask, eps=0.0)
+    mean, var = 2.5, (1.5**2 + 0.5**2 + 0.5**2 + 1.5**2) / 4  # population variance of 1, 2, 3, 4
+    expected = torch.tensor([[1 - mean, 2 - mean, 3 - mean], [4 - mean, 0, 0]]) / math.sqrt(var)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("level", rl_estimators.TIS_LEVELS)
+@pytest.mark.parametrize("mode", rl_estimators.TIS_MODES)
+def test_rollout_importance_weights_direct_formula(level, mode):
+    old = tensor([[-1.0, -2.0, -0.5], [-3.0, -1.0, 0.0]])
+    rollout = tensor([[-1.5, -1.0, -0.5], [-2.0, -2.5, 5.0]])  # the last token is masked: its 5.0 must not count
+    mask = tensor([[1, 1, 1], [1, 1, 0]], torch.bool)
+    diff = [[0.5, -1.0, 0.0], [-1.0, 1.5, 0.0]]  # old - rollout where masked in
+    if level == "token":
+        rho = [[math.exp(x) for x in row] for row in diff]
+    else:  # the product of the sequence's token ratios
+        rho = [[math.exp(sum(row))] * 3 for row in diff]
+    cap = 1.5
+    if mode == "truncate":
+        weights = [[min(r, cap) for r in row] for row in rho]
+    else:
+        weights = [[0.0 if r > cap else 1.0 for r in row] for row in rho]
+    weights[1][2] = 0.0
+    out = rl_estimators.rollout_importance_weights(old, rollout, mask, level=level, mode=mode, threshold=cap)
+    torch.testing.assert_close(out.weights, tensor(weights))
+    valid = [(i, j) for i in range(2) for j in range(3) if mask[i, j]]
+    torch.testing.assert_close(out.logprob_diff_mean, tensor(sum(abs(diff[i][j]) for i, j in valid) / 5))
+    torch.testing.assert_close(out.logprob_diff_max, tensor(1.5))
+    torch.testing.assert_close(out.ratio_max, tensor(max(rho[i][j] for i, j in valid)))
+    torch.testing.assert_close(out.ratio_min, tensor(min(rho[i][j] for i, j in valid)))
+    torch.testing.assert_close(out.corrected_fraction, tensor(sum(rho[i][j] > cap for i, j in valid) / 5))
+    # flat tokens with cu_seqlens give the same weights
+    flat = rl_estimators.rollout_importance_weights(old.flatten(), rollout.flatten(), mask.flatten(), level=level,
+                                                    mode=mode, threshold=cap, cu_seqlens=torch.tensor([0, 3, 6]))
+    torch.testing.assert_close(flat.weights, out.weights.flatten())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -284,9 +476,34 @@ def _x(n=4):
     (lambda: ops.gae(_x().view(2, 2), _x().view(2, 2), _x().view(1, 4)), ValueError, "mask must have the shape"),
     (lambda: ops.gae(_x().view(2, 2), _x().view(2, 2), _x().view(2, 2), gamma=1.5), ValueError, "gamma must be"),
     (lambda: ops.gae(_x().view(2, 2), _x().view(2, 2), _x().view(2, 2), lam=-0.1), ValueError, "lam must be"),
+    (lambda: ops.ppo_policy_loss(_x(), _x(), _x(), _x(), loss_agg="mean"), ValueError, "loss_agg must be one of"),
+    (lambda: ops.ppo_policy_loss(_x(), _x(), _x(), _x(), ratio_level="seq"), ValueError, "ratio_level must be one of"),
+    (lambda: ops.ppo_policy_loss(_x(), _x(), _x(), _x(), loss_agg="seq_mean_token_mean"), ValueError,
+     r"needs sequences: a 2-D \(batch, T\) logprobs .* got logprobs of shape \(4,\)"),
+    (lambda: ops.ppo_policy_loss(_x(), _x(), _x(), _x(), ratio_level="sequence"), ValueError, "needs sequences"),
+    (lambda: ops.ppo_policy_loss(_x(), _x(), _x(), _x(), loss_agg="token_sum_norm"), ValueError,
+     "needs normalizer="),
+    (lambda: ops.ppo_policy_loss(_x(), _x(), _x(), _x(), normalizer=4.0), ValueError,
+     "normalizer applies to loss_agg='token_sum_norm' only"),
+    (lambda: ops.ppo_policy_loss(_x(), _x(), _x(), _x(), loss_agg="token_sum_norm", normalizer=0), ValueError,
+     "normalizer must be a positive"),
+    (lambda: ops.ppo_policy_loss(_x(), _x(), _x(), _x(), cu_seqlens=torch.tensor([0, 3])), ValueError,
+     r"cu_seqlens must be 1-D non-decreasing .* from 0 to the 4 tokens .* got \[0, 3\]"),
+    (lambda: ops.ppo_policy_loss(_x(), _x(), _x(), _x(), cu_seqlens=torch.tensor([0.0, 4.0])), TypeError,
+     "cu_seqlens must be an int32 or int64"),
+    (lambda: ops.ppo_policy_loss(_x(), _x(), _x(), _x(), kl_estimator="k4"), ValueError, "kl_estimator must be one"),
+    (lambda: ops.ppo_policy_loss(_x(), _x(), _x(), _x(), kl_clamp=0), ValueError, "kl_clamp must be"),
+    (lambda: rl_estimators.group_advantages(_x(6), 4), ValueError, "group_size must be a positive int dividing"),
+    (lambda: rl_estimators.group_advantages(_x(), 2, scale="std"), ValueError, "scale must be one of"),
+    (lambda: rl_estimators.rollout_importance_weights(_x(), _x(), _x(), level="sequence"), ValueError,
+     "needs sequences"),
+    (lambda: rl_estimators.rollout_importance_weights(_x(), _x(), _x(), threshold=-1), ValueError, "threshold must"),
+    (lambda: rl_estimators.rollout_importance_weights(_x(), _x(), _x(), mode="clip"), ValueError, "mode must be"),
 ], ids=["ppo-shape", "ppo-mask-dtype", "ppo-clip", "ppo-dual", "ppo-kl-ref", "ppo-nan-coef", "value-shape",
         "value-clip", "dpo-beta", "dpo-type", "dpo-smoothing", "dpo-dtype", "gae-1d", "gae-dtype", "gae-mask",
-        "gae-gamma", "gae-lam"])
+        "gae-gamma", "gae-lam", "agg-name", "ratio-level", "agg-1d", "gspo-1d", "norm-missing", "norm-mode",
+        "norm-zero", "cu-bounds", "cu-dtype", "kl-estimator", "kl-clamp", "group-size", "group-scale", "tis-1d",
+        "tis-threshold", "tis-mode"])
 def test_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
