@@ -16,9 +16,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: Path, *args, timeout_s: int = 300) -> str:
+def torchrun(script: Path, *args, timeout_s: int = 300, check: bool = True) -> str:
     """Run `script args...` in 2 processes (its folder and the repo on PYTHONPATH, 1 thread each); fails the
-    test with the output's tail on a non-zero exit or after timeout_s. Returns the output."""
+    test with the output's tail after timeout_s, or on a non-zero exit when `check`. Returns the output."""
     script = Path(script)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(script.parent), str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -31,5 +31,5 @@ def torchrun(script: Path, *args, timeout_s: int = 300) -> str:
         proc.terminate()  # SIGTERM: torchrun passes it on to its workers (SIGKILL would orphan them)
         out, _ = proc.communicate(timeout=60)
         pytest.fail(f"torchrun timed out after {timeout_s} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
+    assert proc.returncode == 0 or not check, out[-3000:]
     return out

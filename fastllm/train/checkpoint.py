@@ -14,6 +14,18 @@ Layout under a run's out_dir:
 
 A checkpoint is written into a hidden temporary folder, fsync'ed, renamed into place, and only then is
 `latest` replaced (os.replace, atomic on POSIX). A crash at any moment leaves the previous `latest` whole.
+
+Sharded checkpoints (save_sharded_checkpoint: FSDP training, every process writes its own shards) keep the
+same layout and protocol; the model and optimizer state go through torch.distributed.checkpoint instead of
+model/optimizer.safetensors:
+
+      step_00000500/
+        dcp/                    .metadata and one __{rank}_0.distcp file per process, keyed by parameter
+                                name ("model.transformer.h.0.attn.c_attn.weight", "optimizer.state. ...")
+        config.json, rng.safetensors, tokenizer.json, trainer_state.json   as above
+
+Any number of processes can load them (the reader reshards), and `fastllm export` turns one into a plain
+safetensors model folder. The processes must share the file system the checkpoint is written to.
 """
 from __future__ import annotations
 
@@ -23,10 +35,12 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
@@ -34,6 +48,7 @@ from torch import nn
 FORMAT_VERSION = 1
 STATE_FILE = "trainer_state.json"
 LATEST = "latest"
+SHARDED_DIR = "dcp"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -127,47 +142,106 @@ def save_checkpoint(root, step: int, *, models: dict[str, nn.Module], optimizers
     optimizers: {"optimizer": opt, ...}; state: JSON-able loop state (step, data position, config ...).
     rng_states: one capture_rng_state() per process, indexed by rank. extra_files: {name in checkpoint: source
     path} copied in (a tokenizer.json, say)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a save that crashed half-way
-        shutil.rmtree(stale, ignore_errors=True)
-    name = step_dir_name(step)
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
+    root, name = Path(root), step_dir_name(step)
+    tmp = _begin(root, name)
     try:
         meta = {"format": FORMAT_VERSION, "step": step, "state": state or {}, "models": sorted(models),
                 "optimizers": {}, "rng": None}
         for model_name, module in models.items():
             save_model(module, str(tmp / f"{model_name}.safetensors"))
-        model_config = getattr(models.get("model"), "config", None)
-        if hasattr(model_config, "to_dict"):
-            (tmp / "config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
         tensors = {}
         for opt_name, opt in (optimizers or {}).items():
             meta["optimizers"][opt_name] = _encode(opt.state_dict(), opt_name, tensors)
         if tensors:
             save_file(tensors, str(tmp / "optimizer.safetensors"))
-        if rng_states is not None:
-            rng_tensors = {}
-            meta["rng"] = [_encode(s, f"rank{r}", rng_tensors) for r, s in enumerate(rng_states)]
-            save_file(rng_tensors, str(tmp / "rng.safetensors"))
-        for dest, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / dest)
-        meta["files"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        _write_fsync(tmp / STATE_FILE, json.dumps(meta, indent=1).encode())
-        for p in tmp.iterdir():
-            _fsync(p)
-        final = root / name
-        if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a resume): swap it out
-            trash = root / f".tmp-old-{name}-{os.getpid()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        return _finish(root, tmp, name, meta, models.get("model"), rng_states, extra_files, keep)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_sharded_checkpoint(root, step: int, *, dist, models: dict[str, nn.Module], optimizers: dict | None = None,
+                            owners: dict[str, str] | None = None, state: dict | None = None,
+                            rng_states: list[dict] | None = None, extra_files: dict[str, str] | None = None,
+                            keep: int = 2) -> Path:
+    """save_checkpoint for models whose state is spread over the processes (FSDP): every process calls it
+    (dist: the DistContext); each writes its shards of the models and optimizers with
+    torch.distributed.checkpoint into the same temporary folder, then rank 0 writes the rest, renames and
+    points `latest` at it. Also works on one process with plain models (the format stays resumable by any
+    number of processes).
+
+    models, optimizers: as in save_checkpoint. owners: {optimizer name: name of the model it updates} (its
+    state is keyed by that model's parameter names); by default every optimizer updates "model"."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    root, name = Path(root), step_dir_name(step)
+    optimizers, owners = optimizers or {}, owners or {}
+    tmp = _begin(root, name) if dist.is_main else None
+    tmp = dist.gather_objects(tmp)[0]  # every rank writes into rank 0's folder (and waits until it exists)
+    try:
+        sharded = {key: get_model_state_dict(module) for key, module in models.items()}
+        for key, opt in optimizers.items():
+            sharded[key] = get_optimizer_state_dict(models[owners.get(key, "model")], opt)
+        _dcp(dcp.save, sharded, tmp / SHARDED_DIR)
+        final = None
+        if dist.is_main:
+            meta = {"format": FORMAT_VERSION, "step": step, "state": state or {}, "models": sorted(models),
+                    "optimizers": {key: "sharded" for key in optimizers}, "sharded": True, "rng": None}
+            final = _finish(root, tmp, name, meta, models.get("model"), rng_states, extra_files, keep)
+    except BaseException:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    dist.barrier()  # no process moves on (or reads it) before the checkpoint is complete
+    return root / name if final is None else final
+
+
+def _dcp(fn, state: dict, path: Path):
+    """torch.distributed.checkpoint's save or load of `state` at `path`; without a process group (one
+    process) as a single process, without its warning that it assumes so."""
+    single = not torch.distributed.is_initialized()
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        return fn(state, checkpoint_id=str(path), no_dist=single)
+
+
+def _begin(root: Path, name: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a save that crashed half-way
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
+def _finish(root: Path, tmp: Path, name: str, meta: dict, model, rng_states, extra_files, keep: int) -> Path:
+    """Write the common files into tmp, record every file's hash, fsync, rename tmp to name, point `latest`."""
+    model_config = getattr(model, "config", None)
+    if hasattr(model_config, "to_dict"):
+        (tmp / "config.json").write_text(json.dumps(model_config.to_dict(), indent=2))
+    if rng_states is not None:
+        rng_tensors = {}
+        meta["rng"] = [_encode(s, f"rank{r}", rng_tensors) for r, s in enumerate(rng_states)]
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+    for dest, src in (extra_files or {}).items():
+        shutil.copyfile(src, tmp / dest)
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    meta["files"] = {p.relative_to(tmp).as_posix(): _sha256(p) for p in files}
+    _write_fsync(tmp / STATE_FILE, json.dumps(meta, indent=1).encode())
+    for p in files:
+        _fsync(p)
+    for folder in {p.parent for p in files}:
+        _fsync_dir(folder)
+    final = root / name
+    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a resume): swap it out
+        trash = root / f".tmp-old-{name}-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     pointer_tmp = root / f".tmp-{LATEST}-{os.getpid()}"
     _write_fsync(pointer_tmp, name.encode())
     os.replace(pointer_tmp, root / LATEST)
@@ -257,26 +331,99 @@ class Checkpoint:
     def state(self) -> dict:
         return self.meta["state"]
 
-    def load_model(self, module: nn.Module, name: str = "model", strict: bool = True) -> None:
+    @property
+    def sharded(self) -> bool:
+        """Written by save_sharded_checkpoint (torch.distributed.checkpoint shards, not safetensors)."""
+        return bool(self.meta.get("sharded"))
+
+    def load_model(self, module: nn.Module, name: str = "model", strict: bool = True, prefix: str = "") -> None:
+        """Load the weights saved as `name` into `module` (a plain module, or under a sharded checkpoint one of
+        several processes' FSDP shards: every process calls it). prefix: the saved keys carry this prefix in
+        front of the module's own (e.g. "gpt." for the GPT inside a training wrapper)."""
+        if self.sharded:
+            if not strict:
+                raise CheckpointError(f"{self.path} is sharded: its models load strictly")
+            return self._load_sharded(name, module, prefix=prefix)
         file = self.path / f"{name}.safetensors"
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
         try:
-            missing, unexpected = load_model(module, str(file), strict=False)
+            if prefix:
+                tensors = {k[len(prefix):]: v for k, v in _load_tensors(file).items() if k.startswith(prefix)}
+                missing, unexpected = module.load_state_dict(tensors, strict=False)
+            else:
+                missing, unexpected = load_model(module, str(file), strict=False)
         except (SafetensorError, RuntimeError) as e:
             raise CheckpointError(f"cannot load {file} into {type(module).__name__}: {e}") from e
         if strict and (missing or unexpected):
             raise CheckpointError(f"{file} does not fit {type(module).__name__}: missing keys {missing}, "
                                   f"unexpected keys {unexpected}")
 
-    def load_optimizer(self, optimizer: torch.optim.Optimizer, name: str = "optimizer") -> None:
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, name: str = "optimizer",
+                       model: nn.Module | None = None) -> None:
+        """Load the optimizer state saved as `name`; a sharded checkpoint needs the model the optimizer
+        updates (its state is keyed by that model's parameter names), and every process calls it."""
         if name not in self.meta["optimizers"]:
             raise CheckpointError(f"{self.path} has no optimizer {name!r} (it has {sorted(self.meta['optimizers'])})")
+        if self.sharded:
+            if model is None:
+                raise CheckpointError(f"{self.path} is sharded: load_optimizer needs model= (the model it updates)")
+            return self._load_sharded(name, model, optimizer)
         tensors = _load_tensors(self.path / "optimizer.safetensors")
         try:
             optimizer.load_state_dict(_decode(self.meta["optimizers"][name], tensors))
         except (ValueError, KeyError, RuntimeError) as e:
             raise CheckpointError(f"optimizer state in {self.path} does not fit this optimizer: {e}") from e
+
+    def load_into_sharded(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Load an unsharded checkpoint (safetensors, from one process or DDP) into an FSDP-sharded model and
+        its optimizer: every process reads the full state and keeps its shards. The optimizer must be built
+        as the saved one was (the same parameter groups, in the same order)."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        full = StateDictOptions(full_state_dict=True, strict=True)
+        try:
+            set_model_state_dict(model, _load_tensors(self.path / "model.safetensors"), options=full)
+            saved = _decode(self.meta["optimizers"]["optimizer"], _load_tensors(self.path / "optimizer.safetensors"))
+            names = {id(p): n for n, p in model.named_parameters()}
+            order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+            by_name = {"state": {order[i]: v for i, v in saved["state"].items()},
+                       "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+            set_optimizer_state_dict(model, optimizer, by_name, options=full)
+        except (RuntimeError, ValueError, KeyError, IndexError) as e:
+            raise CheckpointError(f"{self.path} does not fit the sharded {type(model).__name__} and its optimizer: "
+                                  f"{e}") from e
+
+    def sharded_keys(self) -> list[str]:
+        """The keys the sharded checkpoint holds ("model.<parameter name>", "optimizer.state.<...>")."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        return sorted(FileSystemReader(str(self.path / SHARDED_DIR)).read_metadata().state_dict_metadata)
+
+    def _load_sharded(self, key: str, model: nn.Module, optimizer=None, prefix: str = "") -> None:
+        """torch.distributed.checkpoint.load of the saved `key` into the model's (or, given, the optimizer's)
+        current state dict, sharded or not: the reader reshards to however many processes load it."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        if optimizer is None:
+            target = {prefix + k: v for k, v in get_model_state_dict(model).items()}
+        else:
+            target = get_optimizer_state_dict(model, optimizer)
+        try:
+            _dcp(dcp.load, {key: target}, self.path / SHARDED_DIR)
+        except (RuntimeError, ValueError, KeyError, CheckpointException) as e:
+            what = type(model).__name__ if optimizer is None else f"the optimizer of {type(model).__name__}"
+            raise CheckpointError(f"{key!r} in the sharded checkpoint {self.path} does not fit {what}: {e}") from e
+        if optimizer is None:
+            set_model_state_dict(model, {k[len(prefix):]: v for k, v in target.items()},
+                                 options=StateDictOptions(strict=True))
+        else:
+            set_optimizer_state_dict(model, optimizer, target)
 
     def rng_state(self, rank: int) -> dict | None:
         """Process `rank`'s saved RNG states, or None when it was not saved (e.g. more processes now)."""

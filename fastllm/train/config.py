@@ -32,6 +32,11 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = no clipping)")
     precision: str = _f("auto", "auto | bf16 | fp32: bf16 autocast (auto = bf16 on GPUs that support it)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    parallel: str = _f("ddp", "ddp | fsdp, under torchrun: ddp keeps a whole model, its gradients and optimizer "
+                              "state on every process; fsdp (FSDP2) shards them over the processes (sharded "
+                              "checkpoints; with bf16: bf16 parameters, fp32 gradient reduction)")
+    activation_checkpointing: bool = _f(False, "recompute each transformer block's activations in the backward "
+                                               "instead of keeping them (less memory, about 1/3 more compute)")
     eval_interval: int = _f(100, "evaluate on the validation split every N steps (0 = only at the end)")
     eval_iters: int = _f(20, "validation batches per evaluation")
     eval_batch_size: int = _f(0, "validation batch size (0 = batch_size)")
@@ -66,6 +71,7 @@ class TrainConfig:
         need(self.eps > 0, "eps", "> 0")
         need(self.grad_clip >= 0, "grad_clip", ">= 0")
         need(self.precision in ("auto", "bf16", "fp32"), "precision", "one of 'auto', 'bf16', 'fp32'")
+        need(self.parallel in ("ddp", "fsdp"), "parallel", "one of 'ddp', 'fsdp'")
         need(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "device",
              "'auto', 'cpu', 'cuda' or 'cuda:N'")
 

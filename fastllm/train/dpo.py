@@ -23,7 +23,9 @@ from fastllm import ops
 from .chat import (IGNORE_INDEX, ChatTemplate, PreferencePair, export_model, find_tokenizer, load_gpt,
                    read_preferences, split_holdout)
 from .config import TrainConfig, add_config_arguments, config_from_args
+from .distributed import init_distributed
 from .loop import Trainer
+from .parallel import head_weight
 from .reward import PreferenceData
 
 TRAIN_DEFAULTS = dict(steps=100, batch_size=8, lr=1e-5, min_lr=1e-6, warmup_steps=5, weight_decay=0.0,
@@ -31,13 +33,19 @@ TRAIN_DEFAULTS = dict(steps=100, batch_size=8, lr=1e-5, min_lr=1e-6, warmup_step
 
 
 class HiddenStates(nn.Module):
-    """The policy seen by the loop: forward = GPT.hidden_states, so DDP's gradient hooks see the forward
-    (the fused loss then reads gpt.lm_head_weight outside it). Checkpoints hold "gpt."-prefixed keys; the
+    """The policy seen by the loop: forward = GPT.hidden_states, so DDP's gradient hooks (and FSDP's
+    gathering of the root's parameters) see the forward; the fused loss then reads gpt.lm_head_weight outside
+    it (through parallel.head_weight). Checkpoints hold "gpt."-prefixed keys; the
     exported final/ folder is the plain GPT."""
 
     def __init__(self, gpt):
         super().__init__()
         self.gpt = gpt
+
+    @property
+    def config(self):
+        """The GPT's config: checkpoints then hold config.json, and `fastllm export` rebuilds the GPT."""
+        return self.gpt.config
 
     def forward(self, idx, cu_seqlens=None):
         return self.gpt.hidden_states(idx, cu_seqlens=cu_seqlens)
@@ -89,7 +97,8 @@ def make_dpo_loss(ref, *, beta: float, loss_type: str, label_smoothing: float = 
         gpt = model.module.gpt if isinstance(model, nn.parallel.DistributedDataParallel) else model.gpt
         ref_chosen, ref_rejected = sequence_logps(ref, batch)
         hidden = model(batch["input_ids"], cu_seqlens=batch["cu_seqlens"])[0]  # (N, C)
-        out = ops.linear_dpo_loss(hidden[batch["chosen_index"]], hidden[batch["rejected_index"]], gpt.lm_head_weight,
+        weight = head_weight(gpt.lm_head_weight)  # read after the forward: gathered under fsdp
+        out = ops.linear_dpo_loss(hidden[batch["chosen_index"]], hidden[batch["rejected_index"]], weight,
                                   batch["chosen_labels"], batch["rejected_labels"], ref_chosen, ref_rejected,
                                   beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
         margin = out.chosen_rewards - out.rejected_rewards
@@ -142,23 +151,33 @@ def dpo(config: TrainConfig, *, data=None, init=None, model=None, ref_model=None
             raise ValueError("dpo needs data= (a JSONL file) and a tokenizer, or pairs=")
         pairs = read_preferences(data, ChatTemplate(load_tokenizer(tokenizer_path)), model.config.block_size)
     train, held = split_holdout(pairs, val_fraction, config.seed) if val_fraction > 0 else (pairs, [])
-    wrapper = HiddenStates(model)
-    trainer = Trainer(wrapper, config, PreferenceData(train, config.seed, pair_layout),
-                      PreferenceData(held, config.seed + 1, pair_layout) if held else None,
-                      loss_fn=make_dpo_loss(ref_model, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing),
-                      log_name="dpo", extra_files={"tokenizer.json": str(tokenizer_path)} if tokenizer_path else None,
-                      run_info={"stage": "dpo", "data": str(data), "init": str(init), "pairs": len(train),
-                                "held_out": len(held), "beta": beta, "loss_type": loss_type})
-    ref_model.to(trainer.device)
-    before = preference_margin(model, held, ref_model) if held and trainer.dist.is_main else None
-    summary = trainer.fit()
-    if trainer.dist.is_main:
+    dist = init_distributed(config.device)
+    try:
+        ref_model.to(dist.device)
+        # Before the Trainer shards the policy (under fsdp), while rank 0 can still run it alone.
+        before = preference_margin(model.to(dist.device), held, ref_model) if held and dist.is_main else None
+        trainer = Trainer(HiddenStates(model), config, PreferenceData(train, config.seed, pair_layout),
+                          PreferenceData(held, config.seed + 1, pair_layout) if held else None,
+                          loss_fn=make_dpo_loss(ref_model, beta=beta, loss_type=loss_type,
+                                                label_smoothing=label_smoothing),
+                          log_name="dpo", dist=dist,
+                          extra_files={"tokenizer.json": str(tokenizer_path)} if tokenizer_path else None,
+                          run_info={"stage": "dpo", "data": str(data), "init": str(init), "pairs": len(train),
+                                    "held_out": len(held), "beta": beta, "loss_type": loss_type})
+        try:
+            summary = trainer.fit(consolidate=True)  # under fsdp the full weights come to rank 0
+        finally:
+            trainer.close()  # before dist.close(): see Trainer.close
+    finally:
+        dist.close()
+    if dist.is_main:
+        final = trainer.final_model.gpt.to(dist.device)
         if held:
-            after = preference_margin(model, held, ref_model)
+            after = preference_margin(final, held, ref_model)
             summary.update({f"val_{k}_before": v for k, v in before.items()})
             summary.update({f"val_{k}": v for k, v in after.items()})
             trainer.logger.log({"kind": "dpo_eval", "step": trainer.step, **after})
-        summary["final"] = str(export_model(model, config.out_dir, tokenizer_path))
+        summary["final"] = str(export_model(final, config.out_dir, tokenizer_path))
     return summary
 
 

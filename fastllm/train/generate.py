@@ -14,8 +14,10 @@ def load_for_generation(ckpt: str, device: str = "cpu"):
     from fastllm.model import GPT
 
     path = resolve_checkpoint(ckpt)
-    if (path / STATE_FILE).is_file():
-        load_checkpoint(path)  # checks every file against the hashes recorded at save
+    if (path / STATE_FILE).is_file() and load_checkpoint(path).sharded:  # checks every file's recorded hash
+        raise CheckpointError(f"{path} is a sharded (--parallel fsdp) checkpoint: write it as a model folder with "
+                              f"`fastllm export --ckpt {path} --out DIR`, then sample with `fastllm generate --ckpt "
+                              f"DIR` (a finished run also has one in its final/ folder)")
     for name in ("config.json", "model.safetensors", "tokenizer.json"):
         if not (path / name).is_file():
             raise CheckpointError(f"{path} cannot be sampled from: {name} is missing (a checkpoint written by "

@@ -11,9 +11,12 @@ of world_size w reading its own shard. The data position is then one integer, (s
 and a resumed run reads exactly the batches the uninterrupted run would have read.
 
 Per optimizer step: grad_accum micro-batches (forward under bf16 autocast when enabled, backward of
-loss / grad_accum; under DDP the gradient all-reduce runs only on the last one), all-reduce of the loss for
-logging and for the NaN check, gradient clipping, then the update. The loss and gradient norm are checked
-before the update, so a NaN/inf never reaches the weights nor a checkpoint.
+loss / grad_accum; the gradient averaging over processes runs only on the last one), all-reduce of the loss
+for logging and for the NaN check, gradient clipping, then the update. The loss and gradient norm are
+checked before the update, so a NaN/inf never reaches the weights nor a checkpoint.
+
+Under torchrun, config.parallel picks DDP or FSDP2 (fastllm.train.parallel); with "fsdp" checkpoints are
+sharded (torch.distributed.checkpoint), and a run resumes from one with any number of processes.
 """
 from __future__ import annotations
 
@@ -32,11 +35,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import (CheckpointError, capture_rng_state, find_checkpoint, load_checkpoint, restore_rng_state,
-                         save_checkpoint, step_dir_name)
+                         save_checkpoint, save_sharded_checkpoint, step_dir_name)
 from .config import TrainConfig
 from .distributed import DistContext, init_distributed
 from .log import MetricsLogger
 from .optim import build_optimizer, lr_at, set_lr
+from .parallel import clip_grad_norm, full_copy, is_fsdp, no_gradient_sync, parallelize, uses_autocast
 
 
 class TrainingDiverged(RuntimeError):
@@ -79,13 +83,16 @@ def count_tokens(batch) -> int:
     return 0
 
 
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """"bf16" when asked or, for "auto", on CUDA devices that support bf16; else "fp32"."""
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
 def autocast_context(device: torch.device, precision: str):
     """bf16 autocast when asked ("bf16") or, for "auto", on CUDA devices that support bf16; else nothing."""
-    if precision == "auto":
-        use = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    else:
-        use = precision == "bf16"
-    if not use:
+    if resolve_precision(device, precision) != "bf16":
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -95,7 +102,7 @@ def warn_changed_settings(path, state: dict, config: dict, dist, ignore=(), stac
     with: it continues, but will not match an uninterrupted run (the data order depends on both). `ignore`:
     settings the caller knows make no difference."""
     saved = state.get("config", {})
-    skip = {"resume", "progress", "plot", "device", *ignore}
+    skip = {"resume", "progress", "plot", "device", "activation_checkpointing", *ignore}
     changed = {k: (saved[k], v) for k, v in config.items() if k in saved and saved[k] != v and k not in skip}
     if state.get("world_size", 1) != dist.world_size:
         changed["world_size"] = (state.get("world_size", 1), dist.world_size)
@@ -118,9 +125,16 @@ class Trainer:
         self.run_info = dict(run_info or {})
         self.out_dir = Path(config.out_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
-        self.model = model.to(self.device)  # the bare module: saved, evaluated, what the caller holds
+        # self.model: the module the caller passed (under fsdp sharded in place): saved, evaluated.
+        # self.train_model: what the training forward calls (the DDP wrapper under ddp).
+        precision = resolve_precision(self.device, config.precision)
+        self.model = model.to(self.device)
+        self.train_model = parallelize(self.model, config.parallel, self.dist, precision=precision,
+                                       activation_checkpointing=config.activation_checkpointing)
+        self.sharded_checkpoints = config.parallel == "fsdp"
         self.optimizer = build_optimizer(self.model, config)
-        self.autocast = autocast_context(self.device, config.precision)
+        self.autocast = autocast_context(self.device, precision if uses_autocast(config.parallel, self.dist, precision)
+                                         else "fp32")
         self.logger = MetricsLogger(self.out_dir, log_name, enabled=self.dist.is_main, plot=config.plot)
         self.step = 0
         self.tokens_seen = 0
@@ -129,6 +143,7 @@ class Trainer:
         self._stop_requested = False  # set by the signal handler, on this process
         self._stop_agreed = False  # some process asked to stop: all-reduced with the step's loss, same on every rank
         self._saved_step = -1
+        self.final_model: nn.Module | None = None  # set by fit(consolidate=True)
 
         rng = None
         if config.resume:
@@ -140,11 +155,6 @@ class Trainer:
             seed = config.seed + self.dist.rank + (self.step * 1_000_003 if config.resume else 0)
             torch.manual_seed(seed)
             np.random.seed(seed % 2**32)
-        if self.dist.enabled:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.ddp_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        else:
-            self.ddp_model = self.model
 
     # ---------------------------------------------------------------------------------------------------
     def _resume(self):
@@ -153,8 +163,14 @@ class Trainer:
             raise CheckpointError(f"resume=True but there is no checkpoint in {self.out_dir} "
                                   f"(expected {self.ckpt_root}/latest); drop --resume to start a new run")
         ckpt = load_checkpoint(found)
-        ckpt.load_model(self.model)
-        ckpt.load_optimizer(self.optimizer)
+        if ckpt.sharded:  # resharded to this run's processes
+            ckpt.load_model(self.model)
+            ckpt.load_optimizer(self.optimizer, model=self.model)
+        elif is_fsdp(self.model):
+            ckpt.load_into_sharded(self.model, self.optimizer)
+        else:
+            ckpt.load_model(self.model)
+            ckpt.load_optimizer(self.optimizer)
         state = ckpt.state
         self.step = state["step"]
         self.tokens_seen = state.get("tokens_seen", 0)
@@ -174,10 +190,19 @@ class Trainer:
 
     def save(self, *, collective: bool = True) -> Path | None:
         """Checkpoint the last completed step (rank 0 writes; every rank's RNG state is gathered when
-        `collective`, which needs all ranks to call save at the same step)."""
+        `collective`, which needs all ranks to call save at the same step). Sharded checkpoints are always
+        collective: without it (a process stopped alone) nothing is saved."""
+        if self.sharded_checkpoints and self.dist.enabled and not collective:
+            return None
         rng = capture_rng_state()
         rng_states = self.dist.gather_objects(rng) if collective else [rng]
-        if not self.dist.is_main:
+        if self.sharded_checkpoints:
+            self.last_checkpoint = save_sharded_checkpoint(
+                self.ckpt_root, self.step, dist=self.dist, models={"model": self.model},
+                optimizers={"optimizer": self.optimizer},
+                state=self.state(), rng_states=rng_states, extra_files=self.extra_files,
+                keep=self.config.keep_checkpoints)
+        elif not self.dist.is_main:
             self.last_checkpoint = self.ckpt_root / step_dir_name(self.step)  # where rank 0 writes it
         else:
             self.last_checkpoint = save_checkpoint(
@@ -234,7 +259,10 @@ class Trainer:
         return result
 
     # ---------------------------------------------------------------------------------------------------
-    def fit(self) -> dict:
+    def fit(self, *, consolidate: bool = False) -> dict:
+        """Train to config.steps (from the resumed step), evaluate, checkpoint; returns a summary.
+        consolidate: then also keep the trained model with its full weights as self.final_model (see
+        consolidated_model), before a process group this trainer owns is closed."""
         cfg = self.config
         started = time.perf_counter()
         if self.step == 0 and self.val_data is not None:
@@ -261,6 +289,8 @@ class Trainer:
                 self._eval_and_log(pbar)
             if self._saved_step != self.step:
                 self.save()
+            if consolidate:
+                self.final_model = self.consolidated_model()
         except KeyboardInterrupt:
             # The signal handler lets the step in flight finish, so the state is consistent and all ranks stop
             # at the same step; a KeyboardInterrupt raised otherwise (a second Ctrl-C) may land mid-update.
@@ -281,11 +311,17 @@ class Trainer:
                 "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
                 "seconds": round(time.perf_counter() - started, 1)}
 
+    def consolidated_model(self) -> nn.Module | None:
+        """The trained model with its full weights: self.model, or under fsdp (collective: every process calls
+        it) an unsharded copy on rank 0's CPU and None on the other ranks. For what a stage does with the
+        model after fit() on rank 0 alone (export, sampling, held-out scoring)."""
+        return full_copy(self.model) if is_fsdp(self.model) else self.model
+
     def close(self) -> None:
         """Release the DDP wrapper, then (if this trainer created it) the process group. The order matters: a
         DDP reducer outliving its gloo group hangs in the group's destructor when it is freed later."""
-        if self.ddp_model is not self.model:
-            self.ddp_model = self.model
+        if self.train_model is not self.model:
+            self.train_model = self.model
             gc.collect()
         if self._owns_dist:
             self.dist.close()
@@ -306,11 +342,10 @@ class Trainer:
             batch = self.train_data.batch(index, cfg.batch_size, rank=dist.rank, world_size=dist.world_size)
             tokens += count_tokens(batch)
             batch = to_device(batch, self.device)
-            # Gradients are all-reduced by DDP on backward; only the last micro-batch needs it.
-            sync = micro == cfg.grad_accum - 1 or not dist.enabled
-            with contextlib.nullcontext() if sync else self.ddp_model.no_sync():
+            # Gradients are averaged over the processes on backward; only the last micro-batch needs it.
+            with no_gradient_sync(self.train_model, enabled=micro < cfg.grad_accum - 1):
                 with self.autocast():
-                    loss, m = self._loss(self.ddp_model, batch)
+                    loss, m = self._loss(self.train_model, batch)
                 (loss / cfg.grad_accum).backward()
             stats[0] += loss.detach().double()
             for k, v in m.items():
@@ -322,7 +357,7 @@ class Trainer:
         self._stop_agreed = stop > 0
         grad_norm = None
         if cfg.grad_clip > 0:
-            grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip).item()
+            grad_norm = clip_grad_norm(self.model, cfg.grad_clip)
         bad = [name for name, v in (("loss", loss_value), ("gradient norm", grad_norm))
                if v is not None and not math.isfinite(v)]
         if bad:

@@ -4,6 +4,7 @@
     fastllm pretrain --data docs/ --out runs/docs     # a file, folder or JSONL; or a prepared dataset folder
     fastllm pretrain --out runs/small --resume        # continue exactly where it stopped
     torchrun --nproc_per_node=2 -m fastllm pretrain --out runs/ddp
+    torchrun --nproc_per_node=2 -m fastllm pretrain --parallel fsdp --out runs/fsdp   # sharded (FSDP2)
 
 The defaults train a 1.3M-parameter GPT-2-style model (4 layers, 128 wide, 128-token context, 4096-token
 BPE) on 2 CPU cores in a few minutes; the validation loss is evaluated and logged as it goes.
@@ -94,10 +95,15 @@ def pretrain(config: TrainConfig, *, data: str = "default", preset_args: argpars
                           extra_files={"tokenizer.json": str(folder / meta["files"]["tokenizer"])},
                           run_info={"stage": "pretrain", "data": str(folder)})
         try:
-            summary = trainer.fit()
+            summary = trainer.fit(consolidate=True)
+            model = trainer.final_model  # under fsdp: the full weights, on rank 0
         finally:
             trainer.close()  # before dist.close(): see Trainer.close
         if dist.is_main:
+            if config.parallel == "fsdp":  # sharded checkpoints: `--init runs/pretrain` of the next stage reads final/
+                from .chat import export_model
+
+                summary["final"] = str(export_model(model, out, folder / meta["files"]["tokenizer"]))
             evals = [r for r in trainer.logger.records() if r["kind"] == "eval"]
             if evals:
                 summary["val_loss_first"] = evals[0]["val_loss"]

@@ -192,7 +192,8 @@ def train_reward_model(config: TrainConfig, *, data=None, init=None, model=None,
                       extra_files={"tokenizer.json": str(tokenizer_path)} if tokenizer_path else None,
                       run_info={"stage": "reward", "data": str(data), "init": str(init), "pairs": len(train),
                                 "held_out": len(held), "margin_scale": margin_scale})
-    summary = trainer.fit()
+    summary = trainer.fit(consolidate=True)
+    model = trainer.final_model  # under fsdp: the full weights, on rank 0 (None elsewhere)
     if trainer.dist.is_main:
         summary["train_accuracy"] = pairwise_accuracy(model, train[:512])["accuracy"]
         if held:

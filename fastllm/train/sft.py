@@ -81,9 +81,9 @@ def sft(config: TrainConfig, *, data=None, init=None, model=None, tokenizer=None
                       extra_files={"tokenizer.json": str(tokenizer_path)} if tokenizer_path else None,
                       run_info={"stage": "sft", "data": str(data), "init": str(init), "examples": len(train),
                                 "held_out": len(held)})
-    summary = trainer.fit()
+    summary = trainer.fit(consolidate=True)  # under fsdp the full weights come to rank 0
     if trainer.dist.is_main:
-        summary["final"] = str(export_model(model, config.out_dir, tokenizer_path))
+        summary["final"] = str(export_model(trainer.final_model, config.out_dir, tokenizer_path))
     return summary
 
 
