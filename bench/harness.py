@@ -38,6 +38,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -53,6 +54,7 @@ import fastllm.backend
 
 MiB = 2**20
 BASELINE = "eager"  # every case's first variant; speedups and memory ratios are against it
+FASTLLM_PREFIX = "fastllm"  # variants named fastllm[...] are the product; every other variant is a peer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,7 +69,8 @@ class Cost:
 
 @dataclass(frozen=True)
 class Variant:
-    """One implementation to time: fn(*inputs) -> a tensor or a tuple of tensors."""
+    """One implementation to time: fn(*inputs) -> a tensor or a tuple of tensors. A variant whose name does
+    not start with FASTLLM_PREFIX is a peer: what a user already has (eager, torch.compile, torch's fused op)."""
     fn: Callable[..., Any]
     backend: Optional[str] = None  # run under fastllm.use_backend(backend), if it runs here
     compile: bool = False  # wrap fn in torch.compile (compiled during warm-up)
@@ -85,10 +88,13 @@ class Case:
     flops: Optional[Cost] = None  # for TFLOP/s
 
 
-def standard_variants(eager: Callable, fastllm_op: Callable) -> dict[str, Variant]:
-    """Eager PyTorch, the same code under torch.compile, and the fastllm op on each kernel backend."""
+def standard_variants(eager: Callable, fastllm_op: Callable,
+                      native: Optional[dict[str, Callable]] = None) -> dict[str, Variant]:
+    """Eager PyTorch, torch's own fused ops for the same thing (`native`: name -> fn, e.g. SDPA), the eager
+    code under torch.compile, and the fastllm op on each kernel backend."""
     return {
         BASELINE: Variant(eager),
+        **{name: Variant(fn) for name, fn in (native or {}).items()},
         "torch.compile": Variant(eager, compile=True),
         "fastllm[cpp]": Variant(fastllm_op, backend="cpp"),
         "fastllm[triton]": Variant(fastllm_op, backend="triton"),
@@ -97,6 +103,10 @@ def standard_variants(eager: Callable, fastllm_op: Callable) -> dict[str, Varian
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+def is_peer(variant_name: str) -> bool:
+    return not variant_name.startswith(FASTLLM_PREFIX)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -257,6 +267,29 @@ def median_ms_and_peak_mib(fn: Callable[[], Any], device: torch.device, settings
     return ms, None if peak.extra_bytes is None else peak.extra_bytes / MiB
 
 
+def interleaved_ms_and_peak_mib(calls: dict[str, Callable[[], Any]], device: torch.device, settings: Settings
+                                ) -> dict[str, tuple[float, Optional[float]]]:
+    """Per name, the median time of its call in ms and its peak extra memory in MiB, the calls measured
+    together. CPU: in rotating rounds (time_rotating), so drift in a shared machine's speed lands on every
+    variant alike; as many rounds as give the variants min_time_s each on average (at least min_runs, at most
+    max_runs), sized by one untimed round. CUDA: one after the other with do_bench (its events time the
+    kernels alone, so drift on the host does not reach them). Peak memory: one more round, each call inside
+    its own PeakMemory (whose gc.collect takes ~0.1 s in a process that has run torch.compile: outside the
+    timed rounds)."""
+    if device.type == "cuda":
+        return {name: median_ms_and_peak_mib(fn, device, settings) for name, fn in calls.items()}
+    probe = time_rotating(calls, 1)
+    one_round_s = sum(t[0] for t in probe.values())
+    rounds = math.ceil(settings.min_time_s * len(calls) / max(one_round_s, 1e-9))
+    rounds = min(max(rounds, settings.min_runs), settings.max_runs)
+    times = time_rotating(calls, rounds)
+    peaks: dict[str, list] = {}
+    if settings.cpu_memory:
+        time_rotating(calls, 1, peaks=peaks)
+    return {name: (statistics.median(times[name]) * 1e3, max(peaks[name]) / MiB if name in peaks else None)
+            for name in calls}
+
+
 @dataclass
 class Machine:
     """The device and its measured ceilings, shared by every case of one run."""
@@ -300,6 +333,7 @@ class Prepared:
     forward: Callable[[], Any]
     forward_backward: Optional[Callable[[], Any]]  # None when nothing in the case is differentiable
     outputs: tuple  # detached outputs of the first forward, to check against the baseline
+    warmup_s: float = 0.0  # the first forward and forward+backward: torch.compile's compile time, mostly
 
 
 def _as_tuple(outputs) -> tuple:
@@ -334,6 +368,7 @@ def prepare(case: Case, name: str, inputs: tuple, device: torch.device) -> Prepa
     # fastllm warns once per process per reason when it falls back to torch; forget earlier warnings so
     # every fastllm variant's first call says whether it really ran on its backend.
     fastllm.backend.warn_fallback.cache_clear()
+    started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         outputs = forward()
@@ -343,7 +378,7 @@ def prepare(case: Case, name: str, inputs: tuple, device: torch.device) -> Prepa
 
     wrt = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
     if not wrt or not any(out.requires_grad for out in outputs):
-        return Prepared(forward, None, tuple(out.detach() for out in outputs))
+        return Prepared(forward, None, tuple(out.detach() for out in outputs), time.perf_counter() - started)
 
     generator = torch.Generator(device).manual_seed(1)
     cotangents = [torch.randn(out.shape, generator=generator, device=device, dtype=out.dtype)
@@ -355,7 +390,7 @@ def prepare(case: Case, name: str, inputs: tuple, device: torch.device) -> Prepa
             return torch.autograd.grad(differentiable, wrt, cotangents)
 
     forward_backward()  # compiles the backward too
-    return Prepared(forward, forward_backward, tuple(out.detach() for out in outputs))
+    return Prepared(forward, forward_backward, tuple(out.detach() for out in outputs), time.perf_counter() - started)
 
 
 def _check_tolerance(*dtypes):
@@ -403,6 +438,11 @@ class Result:
     speedup_forward_backward: Optional[float] = None
     memory_vs_eager_forward: Optional[float] = None  # this peak / eager's peak
     memory_vs_eager_forward_backward: Optional[float] = None
+    best_peer_forward: Optional[str] = None  # the fastest peer variant of the case (is_peer), and its time
+    best_peer_forward_backward: Optional[str] = None  # over this one's
+    x_best_peer_forward: Optional[float] = None
+    x_best_peer_forward_backward: Optional[float] = None
+    compile_s: Optional[float] = None  # torch.compile variants: the warm-up (compile) time, not in the timings
     mismatch: Optional[str] = None  # set when the forward disagrees with eager
     error: Optional[str] = None  # set when the variant failed: "n/a (reason)"
 
@@ -453,56 +493,78 @@ def _short_error(exc: BaseException) -> str:
     return f"n/a ({type(exc).__name__}: {first_line[:160]})"
 
 
-def measure_variant(case: Case, name: str, inputs: tuple, machine: Machine) -> tuple[Result, Optional[tuple]]:
-    """Time and measure one variant: its row, and its forward outputs (None if it failed).
-
-    A variant that fails becomes a row with its error; one that cannot run here raises Unavailable.
-    """
-    device = machine.device
-    result = Result("", case.op, case.shape, dtype_name(case.dtype), name)
-    try:
-        prepared = prepare(case, name, inputs, device)
-        result.forward_ms, result.forward_peak_mib = median_ms_and_peak_mib(
-            prepared.forward, device, machine.settings)
-        if prepared.forward_backward:
-            result.forward_backward_ms, result.forward_backward_peak_mib = median_ms_and_peak_mib(
-                prepared.forward_backward, device, machine.settings)
-    except Unavailable:
-        raise
-    except Exception as exc:  # a compile error, a missing kernel, out of memory: report, keep going
-        result.error = _short_error(exc)
-        return result, None
-    _fill_rates(result, case, machine)
-    return result, prepared.outputs
+def _fill_peer_ratios(results: list[Result]) -> None:
+    """Each row's time against the fastest peer of its case, per pass (peers that failed or disagree with
+    eager do not count)."""
+    for pass_name in ("forward", "forward_backward"):
+        peers = [r for r in results if is_peer(r.variant) and not r.error and not r.mismatch
+                 and getattr(r, f"{pass_name}_ms") is not None]
+        if not peers:
+            continue
+        best = min(peers, key=lambda r: getattr(r, f"{pass_name}_ms"))
+        for r in results:
+            setattr(r, f"best_peer_{pass_name}", best.variant)
+            setattr(r, f"x_best_peer_{pass_name}", _ratio(getattr(best, f"{pass_name}_ms"),
+                                                          getattr(r, f"{pass_name}_ms")))
 
 
 def run_case(case: Case, family: str, machine: Machine, variants: Optional[set] = None
              ) -> Iterator[Result | Skipped]:
-    """Measure each variant of `case` (all, or those named in `variants`), eager first; yield one outcome each."""
-    inputs = case.make_inputs(machine.device, case.dtype)
-    baseline, baseline_outputs = None, None
-    for name in case.variants:
-        if variants is not None and name not in variants:
+    """Measure the variants of `case` (all, or those named in `variants`); yield one outcome each, eager first.
+
+    Every variant is warmed up first (compiled, built), then the forwards of all are timed together in
+    rotating rounds, then their forward+backwards (interleaved_ms_and_peak_mib): a ratio between two variants
+    of one case is measured in the same stretch of time. A variant that fails becomes a row with its error;
+    one that cannot run here is Skipped.
+    """
+    device = machine.device
+    inputs = case.make_inputs(device, case.dtype)
+    names = [name for name in case.variants if variants is None or name in variants]
+    results: dict[str, Result] = {}
+    prepared: dict[str, Prepared] = {}
+    try:
+        for name in names:
+            result = Result(family, case.op, case.shape, dtype_name(case.dtype), name)
+            try:
+                prepared[name] = prepare(case, name, inputs, device)
+            except Unavailable as reason:
+                yield Skipped(family, case.op, case.shape, dtype_name(case.dtype), name, str(reason))
+                continue
+            except Exception as exc:  # a compile error, a missing kernel, out of memory: report, keep going
+                result.error = _short_error(exc)
+            if name in prepared and case.variants[name].compile:
+                result.compile_s = prepared[name].warmup_s
+            results[name] = result
+        for pass_name in ("forward", "forward_backward"):
+            calls = {name: getattr(p, pass_name) for name, p in prepared.items() if getattr(p, pass_name)}
+            try:
+                measured = interleaved_ms_and_peak_mib(calls, device, machine.settings) if calls else {}
+            except Exception as exc:  # out of memory mid-run: every variant of this pass reports it
+                for name in calls:
+                    results[name].error = _short_error(exc)
+                    prepared.pop(name)
+                continue
+            for name, (ms, peak_mib) in measured.items():
+                setattr(results[name], f"{pass_name}_ms", ms)
+                setattr(results[name], f"{pass_name}_peak_mib", peak_mib)
+    finally:
+        if any(case.variants[name].compile for name in names):
+            torch.compiler.reset()  # drop this shape's compiled graphs; the next case compiles its own
+    baseline = results.get(BASELINE)
+    baseline_outputs = prepared[BASELINE].outputs if BASELINE in prepared else None
+    for name, result in results.items():
+        if result.error:
             continue
-        try:
-            result, outputs = measure_variant(case, name, inputs, machine)
-        except Unavailable as reason:
-            yield Skipped(family, case.op, case.shape, dtype_name(case.dtype), name, str(reason))
-            continue
-        finally:
-            if case.variants[name].compile:
-                torch.compiler.reset()  # drop this shape's compiled graphs; the next case compiles its own
-        result.family = family
-        if name == BASELINE:
-            baseline, baseline_outputs = result, outputs
-        elif baseline_outputs is not None and outputs is not None:
-            result.mismatch = compare_outputs(outputs, baseline_outputs)
+        _fill_rates(result, case, machine)
+        if name != BASELINE and baseline_outputs is not None:
+            result.mismatch = compare_outputs(prepared[name].outputs, baseline_outputs)
             result.speedup_forward = _ratio(baseline.forward_ms, result.forward_ms)
             result.speedup_forward_backward = _ratio(baseline.forward_backward_ms, result.forward_backward_ms)
             result.memory_vs_eager_forward = _ratio(result.forward_peak_mib, baseline.forward_peak_mib)
             result.memory_vs_eager_forward_backward = _ratio(result.forward_backward_peak_mib,
                                                              baseline.forward_backward_peak_mib)
-        yield result
+    _fill_peer_ratios(list(results.values()))
+    yield from results.values()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -579,14 +641,23 @@ def _fmt_ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _fmt_peer_ratio(value: Optional[float], peer: Optional[str]) -> str:
+    return "-" if value is None else f"{value:.2f}x {peer}"
+
+
 def table_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
-    """The header and cells of the results table (FLOP columns only when some case counts FLOPs)."""
+    """The header and cells of the results table (FLOP columns only when some case counts FLOPs, the compile
+    column only when some variant is compiled)."""
     with_flops = any(r.forward_tflops is not None for r in results)
+    with_compile = any(r.compile_s is not None for r in results)
     header = ["op", "shape", "dtype", "variant", "fwd ms", "fwd+bwd ms", "fwd MiB", "fwd+bwd MiB",
               "fwd GB/s (% copy)", "fwd+bwd GB/s (% copy)"]
     if with_flops:
         header += ["fwd TFLOP/s (% mm)", "fwd+bwd TFLOP/s (% mm)"]
-    header += ["x eager fwd", "x eager fwd+bwd", "mem/eager fwd", "mem/eager fwd+bwd", "note"]
+    header += ["x eager fwd", "x eager fwd+bwd", "x best peer fwd", "x best peer fwd+bwd", "mem/eager fwd",
+               "mem/eager fwd+bwd"]
+    header += ["compile s"] if with_compile else []
+    header += ["note"]
     rows = []
     for r in results:
         row = [r.op, r.shape, r.dtype, r.variant]
@@ -602,8 +673,11 @@ def table_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
             row += [_fmt_rate(r.forward_tflops, r.forward_pct_matmul),
                     _fmt_rate(r.forward_backward_tflops, r.forward_backward_pct_matmul)]
         row += [_fmt_ratio(r.speedup_forward), _fmt_ratio(r.speedup_forward_backward),
-                _fmt_ratio(r.memory_vs_eager_forward), _fmt_ratio(r.memory_vs_eager_forward_backward),
-                f"MISMATCH: {r.mismatch}" if r.mismatch else ""]
+                _fmt_peer_ratio(r.x_best_peer_forward, r.best_peer_forward),
+                _fmt_peer_ratio(r.x_best_peer_forward_backward, r.best_peer_forward_backward),
+                _fmt_ratio(r.memory_vs_eager_forward), _fmt_ratio(r.memory_vs_eager_forward_backward)]
+        row += [_fmt_number(r.compile_s)] if with_compile else []
+        row += [f"MISMATCH: {r.mismatch}" if r.mismatch else ""]
         rows.append(row)
     return header, rows
 
@@ -644,19 +718,24 @@ RESULTS_MD_INTRO = """# fastllm benchmark results
 
 Written by `python -m bench.run` (method: the docstring of bench/harness.py). One section per device kind;
 a run replaces only its own section. "x eager" is eager PyTorch's time over the variant's, measured in the
-same process. "MiB" is peak memory above the inputs (outputs and saved activations included), and
-"mem/eager" the variant's peak over eager's. "% copy" is achieved GB/s (the op's minimum bytes over its
-time) as a share of the machine's measured copy bandwidth.
+same process; "x best peer" is the fastest peer's (eager, torch.compile, or torch's own fused op: the
+variants not named fastllm[...]) time over the variant's, and names that peer. The variants of one case are
+timed in rotating rounds (interleaved), so drift on a shared machine lands on all alike; "compile s" is
+torch.compile's warm-up, outside the timings. "MiB" is peak memory above the inputs (outputs and saved
+activations included), and "mem/eager" the variant's peak over eager's. "% copy" is achieved GB/s (the
+op's minimum bytes over its time) as a share of the machine's measured copy bandwidth.
 """
 
 
 def section_key(info: dict) -> str:
-    """The results file keeps one section per device kind and allocator regime."""
-    return info["device"] + ("-recycled" if info.get("regime") == "recycled" else "")
+    """The results file keeps one section per device kind and allocator regime (and per --section name)."""
+    suffix = f"-{info['section']}" if info.get("section") else ""
+    return info["device"] + ("-recycled" if info.get("regime") == "recycled" else "") + suffix
 
 
 def markdown_section(info: dict, command: str, results: list[Result], notes: list[str]) -> str:
     title = machine_title(info) + (", recycled memory" if info.get("regime") == "recycled" else "")
+    title += f" ({info['section']})" if info.get("section") else ""
     lines = [f"<!-- bench:{section_key(info)} -->",
              f"## {title}",
              "",
@@ -688,7 +767,8 @@ def update_results_md(path: str, section: str, device_kind: str) -> None:
 
 
 def plot(path: str, title: str, results: list[Result]) -> bool:
-    """Grouped bars per case: fwd+bwd speedup and peak memory against eager. False if nothing to plot."""
+    """Grouped bars per case: fwd+bwd speedup against eager, fastllm's against the case's best peer, and
+    peak memory against eager. False if nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -700,19 +780,25 @@ def plot(path: str, title: str, results: list[Result]) -> bool:
     cases = list(dict.fromkeys(r.case_label for r in compared))
     variants = list(dict.fromkeys(r.variant for r in compared))
     by_key = {(r.case_label, r.variant): r for r in compared}
+    best_peer = {r.case_label: r.best_peer_forward_backward for r in compared}
     width = 0.8 / len(variants)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 1.5 + 0.25 * len(cases) * len(variants)), sharey=True)
-    panels = [("fwd+bwd speedup vs eager (higher is better)", "speedup_forward_backward"),
-              ("fwd+bwd peak extra memory / eager (lower is better)", "memory_vs_eager_forward_backward")]
-    for axis, (panel_title, attribute) in zip(axes, panels):
+    fig, axes = plt.subplots(1, 3, figsize=(18, 1.5 + 0.25 * len(cases) * len(variants)), sharey=True)
+    panels = [("fwd+bwd speedup vs eager (higher is better)", "speedup_forward_backward", variants),
+              ("fastllm fwd+bwd vs the best peer (higher is better)", "x_best_peer_forward_backward",
+               [v for v in variants if not is_peer(v)]),
+              ("fwd+bwd peak extra memory / eager (lower is better)", "memory_vs_eager_forward_backward", variants)]
+    for axis, (panel_title, attribute, shown) in zip(axes, panels):
         for k, variant in enumerate(variants):
+            if variant not in shown:
+                continue
             values = [getattr(by_key.get((case, variant)), attribute, None) or 0.0 for case in cases]
             positions = [i + (k - (len(variants) - 1) / 2) * width for i in range(len(cases))]
-            axis.barh(positions, values, height=width, label=variant)
+            axis.barh(positions, values, height=width, label=variant, color=f"C{k}")
         axis.axvline(1.0, color="black", linewidth=0.8)
         axis.set_title(panel_title, fontsize=10)
-        axis.set_yticks(range(len(cases)), cases, fontsize=8)
-    axes[0].invert_yaxis()  # first case on top (the axes share y, so once inverts both)
+        labels = [f"{case} (best peer: {best_peer[case]})" for case in cases]
+        axis.set_yticks(range(len(cases)), labels, fontsize=8)
+    axes[0].invert_yaxis()  # first case on top (the axes share y, so once inverts all)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -1,4 +1,4 @@
-"""Benchmark fastllm's ops on this machine against eager PyTorch and torch.compile.
+"""Benchmark fastllm's ops on this machine against eager PyTorch, torch.compile and torch's own fused ops.
 
     python -m bench.run                      # every op family at full sizes (a few minutes on a 2-core CPU)
     python -m bench.run --quick              # small sizes, no torch.compile: a smoke run of seconds
@@ -47,6 +47,8 @@ def parse_args(argv):
                              "faults; peak memory measured); recycled = freed memory is reused (the kernels' "
                              "own time, no first-touch faults; memory not measured). Each regime has its own "
                              "section in the results file")
+    parser.add_argument("--section", help="name of the results-file section to replace, for a run of some ops "
+                                          "only (default: the device's own section)")
     parser.add_argument("--min-time", type=float, help="CPU: seconds of timed runs per measurement "
                                                        "(default 0.5, 0.05 with --quick)")
     return parser.parse_args(argv)
@@ -114,6 +116,7 @@ def main(argv=None):
     info = harness.describe_machine(machine)
     info["allocator"] = allocator
     info["regime"] = args.allocator if device.type == "cpu" else "cuda caching allocator"
+    info["section"] = args.section
     print(harness.machine_title(info), f"| copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s", flush=True)
     json_path = os.path.join(args.out, "results.json")
     results, skipped, not_run = measure_all(selected, machine, variants, args.budget, json_path, info, command)

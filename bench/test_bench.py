@@ -37,3 +37,21 @@ def test_forward_backward(benchmark, case, variant):
     finally:
         if case.variants[variant].compile:
             torch.compiler.reset()  # drop this shape's graphs so dynamo's recompile limit is never reached
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_case_has_peers_and_fastllm_variants(device):
+    """Every case compares fastllm with what users already have: eager first, torch.compile of the same code,
+    and torch's own fused op where one exists (SDPA, with enable_gqa for grouped heads; F.rms_norm;
+    F.linear_cross_entropy's chunked path)."""
+    for family, module in families().items():
+        for case in module.cases(torch.device(device), quick=False):
+            names = list(case.variants)
+            assert names[0] == harness.BASELINE, (family, case.op)
+            assert any(not harness.is_peer(name) for name in names), (family, case.op)
+            if family != "gae":  # GAE is a Python loop: nothing to compile or fuse it into
+                assert "torch.compile" in names, (family, case.op)
+            if family == "attention":
+                grouped = "/" in case.shape
+                assert ("sdpa[enable_gqa]" in names) == grouped and "sdpa" in names, case.shape
+    assert any("/" in case.shape for case in families()["attention"].cases(torch.device(device), quick=False))

@@ -16,9 +16,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("fastllm.train.pretrain", "pretrain a GPT on a corpus (default: the embedded stdlib corpus)"),
     "sft": ("fastllm.train.sft", "supervised fine-tuning on prompt/response pairs (JSONL)"),
     "reward": ("fastllm.train.reward", "train a reward model on preference pairs (JSONL)"),
-    "ppo": ("fastllm.train.ppo", "RLHF with PPO (or GRPO) against a reward model or a Python reward function"),
+    "ppo": ("fastllm.train.rl", "RL: PPO, GRPO, Dr. GRPO, RLOO, REINFORCE++, GSPO against a reward model or "
+                                "reward functions"),
     "dpo": ("fastllm.train.dpo", "direct preference optimisation against a frozen reference"),
     "generate": ("fastllm.train.generate", "sample text from a trained checkpoint"),
+    "export": ("fastllm.train.export", "write a checkpoint (sharded or not) as one safetensors model folder"),
 }
 
 

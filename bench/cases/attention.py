@@ -7,6 +7,11 @@ torch SDPA's speed, with peak memory growing linearly with seqlen (eager's grows
 in bf16: 4 x 8 x {1024, 4096} x 128 and 1 x 8 x {8192, 16384} x 128 (batch 1 at the long lengths keeps
 eager's score matrices at 4 GiB), against SDPA's flash backend.
 
+Grouped-query attention (Llama's layout: 16 query heads reading 4 key/value heads, head dim 128; and 8:1)
+adds the peer "sdpa[enable_gqa]", SDPA reading the shared key/value heads itself; "sdpa" and eager repeat
+them to every query head first, as model code did before enable_gqa. Shape labels read
+batch x heads x seqlen x head_dim, heads as q/kv when they differ.
+
 Every variant takes q, k, v as (batch, seqlen, heads, head_dim), fastllm's layout; the baselines move heads
 in front as views, as model code does, and SDPA reads the strided views without copying.
 """
@@ -14,18 +19,30 @@ import torch
 import torch.nn.functional as F
 
 import fastllm
-from bench.harness import BASELINE, Case, Cost, Variant, standard_variants
+from bench.harness import Case, Cost, standard_variants
 
-CPU_SHAPES = [(4, 8, 512, 64), (4, 8, 1024, 64), (4, 8, 2048, 64), (4, 8, 1024, 128)]
-GPU_SHAPES = [(4, 8, 1024, 128), (4, 8, 4096, 128), (1, 8, 8192, 128), (1, 8, 16384, 128)]
-QUICK_SHAPES = [(1, 2, 128, 64)]
+# (batch, query heads, key/value heads, seqlen, head_dim)
+CPU_SHAPES = [(4, 8, 8, 512, 64), (4, 8, 8, 1024, 64), (4, 8, 8, 2048, 64), (4, 8, 8, 1024, 128),
+              (2, 16, 4, 1024, 128), (2, 32, 4, 1024, 64)]
+GPU_SHAPES = [(4, 8, 8, 1024, 128), (4, 8, 8, 4096, 128), (1, 8, 8, 8192, 128), (1, 8, 8, 16384, 128),
+              (4, 32, 8, 4096, 128)]
+QUICK_SHAPES = [(1, 2, 2, 128, 64), (1, 4, 2, 128, 64)]
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Baselines: what a user writes without fastllm
 # ---------------------------------------------------------------------------------------------------------
+def _shared_heads_repeated(q, k, v):
+    """k and v with each key/value head repeated for the query heads that read it (a no-op for MHA)."""
+    group = q.shape[2] // k.shape[2]
+    if group == 1:
+        return k, v
+    return k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+
+
 def eager_attention(q, k, v, causal):
     """matmul, mask, softmax, matmul: the (B, H, T, T) scores and probabilities are materialised."""
+    k, v = _shared_heads_repeated(q, k, v)
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1]**-0.5
     if causal:
@@ -37,7 +54,15 @@ def eager_attention(q, k, v, causal):
 
 def sdpa_attention(q, k, v, causal):
     """torch's fused scaled_dot_product_attention (a flash kernel on the CPU, and on the GPU in bf16)."""
+    k, v = _shared_heads_repeated(q, k, v)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+    return out.transpose(1, 2)
+
+
+def sdpa_gqa_attention(q, k, v, causal):
+    """SDPA with enable_gqa: it reads each shared key/value head for its group of query heads itself."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+                                         enable_gqa=True)
     return out.transpose(1, 2)
 
 
@@ -53,26 +78,27 @@ def _with_mask(fn, causal):
     return call
 
 
-def _variants(causal):
-    standard = standard_variants(_with_mask(eager_attention, causal), _with_mask(fastllm_attention, causal))
-    eager = standard.pop(BASELINE)
-    return {BASELINE: eager, "sdpa": Variant(_with_mask(sdpa_attention, causal)), **standard}
+def _variants(causal, grouped):
+    native = {"sdpa": _with_mask(sdpa_attention, causal)}
+    if grouped:
+        native["sdpa[enable_gqa]"] = _with_mask(sdpa_gqa_attention, causal)
+    return standard_variants(_with_mask(eager_attention, causal), _with_mask(fastllm_attention, causal), native)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Work: 4 b h s^2 d FLOPs for the forward (two matmuls of 2 b h s^2 d), 2.5x that for the backward (five),
 # halved when causal. forward_backward counts both passes: 3.5x the forward.
 # ---------------------------------------------------------------------------------------------------------
-def _flops(batch, heads, seqlen, head_dim, causal):
+def _flops(batch, heads, seqlen, head_dim, causal):  # heads: the query heads
     forward = 4 * batch * heads * seqlen**2 * head_dim / (2 if causal else 1)
     return Cost(forward=forward, forward_backward=3.5 * forward)
 
 
-def _inputs(batch, heads, seqlen, head_dim):
+def _inputs(batch, heads_q, heads_kv, seqlen, head_dim):
     def make_inputs(device, dtype):
         generator = torch.Generator(device).manual_seed(0)
         return tuple(torch.randn(batch, seqlen, heads, head_dim, generator=generator, device=device,
-                                 dtype=dtype).requires_grad_() for _ in range(3))
+                                 dtype=dtype).requires_grad_() for heads in (heads_q, heads_kv, heads_kv))
     return make_inputs
 
 
@@ -86,9 +112,11 @@ def cases(device, quick: bool) -> list[Case]:
         shapes, dtype = CPU_SHAPES, torch.float32
     result = []
     for causal in (True, False):
-        for batch, heads, seqlen, head_dim in shapes:
+        for batch, heads_q, heads_kv, seqlen, head_dim in shapes:
+            heads = f"{heads_q}" if heads_q == heads_kv else f"{heads_q}/{heads_kv}"
             result.append(Case(op="attention_causal" if causal else "attention",
                                shape=f"{batch}x{heads}x{seqlen}x{head_dim}", dtype=dtype,
-                               make_inputs=_inputs(batch, heads, seqlen, head_dim), variants=_variants(causal),
-                               flops=_flops(batch, heads, seqlen, head_dim, causal)))
+                               make_inputs=_inputs(batch, heads_q, heads_kv, seqlen, head_dim),
+                               variants=_variants(causal, grouped=heads_q != heads_kv),
+                               flops=_flops(batch, heads_q, seqlen, head_dim, causal)))
     return result

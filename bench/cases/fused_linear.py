@@ -3,7 +3,9 @@
 The headline is 8192 tokens x hidden 768 x the GPT-2 vocabulary (50257) in fp32, forward+backward, on the
 C++ backend: fastllm targets at most 1/8 of eager's peak memory at the same speed or faster. The eager
 baselines materialise the logits: F.linear then log_softmax().gather() (linear_token_logprobs) or
-F.cross_entropy (linear_cross_entropy); "torch.compile" is the same code compiled.
+F.cross_entropy (linear_cross_entropy); "torch.compile" is the same code compiled; torch's native peer is
+F.linear_cross_entropy with LinearCrossEntropyOptions() (chunked, never holding the logits; per token for
+linear_token_logprobs).
 
 The issue's grid is tokens {2048, 8192} x hidden {768, 2048} x vocabulary {32000, 50257, 128256}. It runs in
 full on CUDA. On a CPU, one eager forward+backward is 6 N H V FLOPs at ~0.1-0.2 TFLOP/s on 2 cores: 10 s at
@@ -45,6 +47,17 @@ def eager_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask
                                                               mask).loss
 
 
+# torch's own chunked head (torch 2.13): F.linear_cross_entropy with LinearCrossEntropyOptions() never holds
+# the whole logits. Per token (reduction="none") it is minus the token's log-prob.
+def chunked_linear_token_logprobs(hidden, weight, labels):
+    return -F.linear_cross_entropy(hidden, weight, labels, reduction="none",
+                                   options=torch.nn.LinearCrossEntropyOptions())
+
+
+def chunked_linear_cross_entropy(hidden, weight, labels):
+    return F.linear_cross_entropy(hidden, weight, labels, options=torch.nn.LinearCrossEntropyOptions())
+
+
 # fastllm.ops is looked up at call time: nothing is imported or built until a case runs.
 def fastllm_linear_token_logprobs(hidden, weight, labels):
     return fastllm.ops.linear_token_logprobs(hidden, weight, labels)
@@ -60,11 +73,14 @@ def fastllm_linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, ma
 
 # linear_token_logprobs returns per-token values whose gradient is known only in the backward, so its
 # backward recomputes the logits; the two losses know theirs in the forward and do it all in one pass.
+# op -> (eager, fastllm, torch's native peer or None)
 OPS = {
-    "linear_token_logprobs": (eager_linear_token_logprobs, fastllm_linear_token_logprobs),
-    "linear_cross_entropy": (eager_linear_cross_entropy, fastllm_linear_cross_entropy),
-    "linear_ppo_loss": (eager_linear_ppo_loss, fastllm_linear_ppo_loss),
+    "linear_token_logprobs": (eager_linear_token_logprobs, fastllm_linear_token_logprobs,
+                              chunked_linear_token_logprobs),
+    "linear_cross_entropy": (eager_linear_cross_entropy, fastllm_linear_cross_entropy, chunked_linear_cross_entropy),
+    "linear_ppo_loss": (eager_linear_ppo_loss, fastllm_linear_ppo_loss, None),
 }
+NATIVE_PEER = "F.linear_cross_entropy[chunked]"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -117,9 +133,10 @@ def _shapes(device, quick):
 def cases(device, quick: bool) -> list[Case]:
     device = torch.device(device)
     result = []
-    for op, (eager, fastllm_op) in OPS.items():
+    for op, (eager, fastllm_op, native) in OPS.items():
+        variants = standard_variants(eager, fastllm_op, {NATIVE_PEER: native} if native else None)
         for tokens, hidden, vocab in _shapes(device, quick):
             result.append(Case(op=op, shape=f"{tokens}x{hidden}x{vocab}", dtype=torch.float32,
                                make_inputs=INPUTS[op](tokens, hidden, vocab),
-                               variants=standard_variants(eager, fastllm_op), flops=_flops(tokens, hidden, vocab)))
+                               variants=variants, flops=_flops(tokens, hidden, vocab)))
     return result

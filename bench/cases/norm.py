@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fastllm
-from bench.harness import Case, Cost, Variant, standard_variants
+from bench.harness import Case, Cost, standard_variants
 
 EPS = 1e-6
 QUICK = [(256, 1024)]
@@ -81,10 +81,8 @@ def _inputs(names):
 
 
 def _rms_variants(eager, fastllm_op, functional=None):
-    variants = standard_variants(eager, fastllm_op)
-    if functional is not None:  # torch's fused F.rms_norm, second after the hand-written baseline
-        variants = {"eager": variants.pop("eager"), "F.rms_norm": Variant(functional), **variants}
-    return variants
+    # torch's fused F.rms_norm, where there is one, is the native peer
+    return standard_variants(eager, fastllm_op, {"F.rms_norm": functional} if functional else None)
 
 
 # op -> (variants, input names, traffic)

@@ -364,8 +364,10 @@ def test_import_from_hugging_face_matches_transformers(style, tmp_path):
     # The same weights on plain PyTorch, and the same greedy continuation as transformers' generate.
     assert_matches_reference("plain logits vs transformers", from_hf(tmp_path, use_kernels=False)(idx)[0], expected,
                              base)
-    hf_tokens = hf.float().generate(idx[:1], max_new_tokens=6, do_sample=False)[0, 13:].tolist()
-    assert model.generate(idx[:1], 6, temperature=0).tokens == [hf_tokens]
+    # A batch of two: the decode step runs the C++ decode kernel, the no-dispatch call path (ops._common.call_op)
+    # and the batched sampling, and must still pick transformers' tokens.
+    hf_tokens = hf.float().generate(idx, max_new_tokens=8, do_sample=False)[:, 13:].tolist()
+    assert model.generate(idx, 8, temperature=0).tokens == hf_tokens
 
 
 def test_import_rejects_unsupported_checkpoints(tmp_path):

@@ -1,0 +1,164 @@
+"""Generation speed: fastllm's GPT.generate against Hugging Face generate on the same weights (CPU).
+
+    python -m bench.generate                    # batch 1 and 8, 64 and 256 new tokens, greedy and sampled
+    python -m bench.generate --quick            # a tiny model and a few tokens: a smoke run of seconds
+
+A Llama-style model (6 layers x 512, 8 query / 4 key-value heads, SwiGLU, vocabulary 32000) is built from a
+transformers LlamaConfig with random weights, saved to a temporary folder, and loaded by both sides:
+transformers' LlamaForCausalLM and fastllm's GPT.from_hf. Nothing is downloaded. Every prompt is 32 random
+tokens and runs to exactly max_new_tokens (no stop token), so both sides do the same work; sampling is from
+softmax(logits) unrestricted (HF: top_k=0, top_p=1). The two sides' calls alternate, who goes first rotating
+(harness.time_rotating), and tokens/s is batch x new tokens over the median call. Greedy tokens are checked
+equal between the two.
+
+Then the decode step of fastllm, profiled (torch.profiler) over one batch-8 greedy call: the time of each
+group of ops (matmuls, attention, norms, cache writes, sampling, ...) per step, and what is left of the
+wall time (Python and dispatch). Writes a table to the terminal and bench/out/generate.json.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from bench import harness
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPT_TOKENS = 32
+FULL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+            num_key_value_heads=4, vocab_size=32000, max_position_embeddings=512)
+QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
+# torch.profiler op names -> the group they are reported under (first match wins; the rest is "other ops")
+OP_GROUPS = [("matmuls", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm")),
+             ("attention", ("attention",)),
+             ("norms", ("rms_norm", "layer_norm")),
+             ("cache writes", ("index_put", "aten::copy_", "aten::index")),
+             ("sampling", ("argmax", "multinomial", "softmax", "topk", "sort", "gather", "log_softmax")),
+             ("rotary and elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::cat", "aten::cos",
+                                         "aten::sin", "aten::silu", "aten::neg"))]
+
+
+def build_models(config_kwargs, folder):
+    """(transformers LlamaForCausalLM, fastllm GPT) on the same random weights, both in eval mode."""
+    import transformers
+
+    from fastllm.model import GPT
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(**config_kwargs, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    hf_model = transformers.LlamaForCausalLM(config).eval()
+    hf_model.save_pretrained(folder)
+    hf_model.generation_config.eos_token_id = None  # every call runs to max_new_tokens
+    hf_model.generation_config.pad_token_id = 0
+    return hf_model, GPT.from_hf(folder).eval()
+
+
+def hf_generate(model, prompts, new_tokens, sample):
+    options = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **options)
+    return out[:, prompts.shape[1]:].tolist()
+
+
+def fastllm_generate(model, prompts, new_tokens, sample):
+    return model.generate(prompts, new_tokens, temperature=1.0 if sample else 0.0).tokens
+
+
+def measure_speed(hf_model, model, vocab, batches, new_token_counts, rounds):
+    """One row per (batch, new tokens, greedy or sampled): each side's median seconds and tokens/s."""
+    rows = []
+    generator = torch.Generator().manual_seed(1)
+    for batch in batches:
+        prompts = torch.randint(0, vocab, (batch, PROMPT_TOKENS), generator=generator)
+        for new_tokens in new_token_counts:
+            for sample in (False, True):
+                calls = {"hf": lambda: hf_generate(hf_model, prompts, new_tokens, sample),
+                         "fastllm": lambda: fastllm_generate(model, prompts, new_tokens, sample)}
+                if not sample:
+                    hf_tokens, tokens = calls["hf"](), calls["fastllm"]()
+                    if hf_tokens != tokens:
+                        raise SystemExit(f"greedy tokens differ from HF's at batch {batch}, {new_tokens} tokens")
+                times = harness.time_rotating(calls, rounds, warmup=1)
+                seconds = {name: statistics.median(t) for name, t in times.items()}
+                rows.append({"batch": batch, "new_tokens": new_tokens, "mode": "sampled" if sample else "greedy",
+                             "hf_s": seconds["hf"], "fastllm_s": seconds["fastllm"],
+                             "hf_tokens_per_s": batch * new_tokens / seconds["hf"],
+                             "fastllm_tokens_per_s": batch * new_tokens / seconds["fastllm"],
+                             "speedup": seconds["hf"] / seconds["fastllm"]})
+                print(_speed_line(rows[-1]), flush=True)
+    return rows
+
+
+def _speed_line(row):
+    return (f"batch {row['batch']:2d}, {row['new_tokens']:3d} new tokens, {row['mode']:7s}: "
+            f"HF {row['hf_tokens_per_s']:7.1f} tok/s, fastllm {row['fastllm_tokens_per_s']:7.1f} tok/s, "
+            f"{row['speedup']:.2f}x")
+
+
+def _group(name):
+    for group, keys in OP_GROUPS:
+        if any(key in name for key in keys):
+            return group
+    return "other ops"
+
+
+def decode_step_split(model, vocab, batch, new_tokens):
+    """Per decode step (the prefill included, spread over the steps), the ms of each op group (self CPU time,
+    profiled) and the rest of the profiled call's wall time (Python, dispatch, and the profiler's own cost)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = torch.randint(0, vocab, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(2))
+    fastllm_generate(model, prompts, new_tokens, sample=False)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()  # the wall time of the profiled call itself, so the parts add up to it
+        fastllm_generate(model, prompts, new_tokens, sample=False)
+        wall_s = time.perf_counter() - start
+    groups = {}
+    for event in prof.key_averages():
+        groups[_group(event.key)] = groups.get(_group(event.key), 0.0) + event.self_cpu_time_total / 1e3
+    split = {group: ms / new_tokens for group, ms in sorted(groups.items(), key=lambda kv: -kv[1])}
+    split["python, dispatch, profiler (wall - ops)"] = max(0.0, wall_s * 1e3 / new_tokens - sum(split.values()))
+    return {"batch": batch, "new_tokens": new_tokens, "wall_ms_per_step": wall_s * 1e3 / new_tokens,
+            "ms_per_step": split}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m bench.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny model, batch 2, 6 new tokens")
+    parser.add_argument("--rounds", type=int, default=3, help="timed alternating rounds per row (default 3)")
+    parser.add_argument("--batches", help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--new-tokens", help="comma-separated new-token counts (default 64,256)")
+    parser.add_argument("--out", default=os.path.join(REPO, "bench", "out"), help="folder for generate.json")
+    args = parser.parse_args(argv)
+    config = QUICK if args.quick else FULL
+    batches, new_token_counts = ((2,), (6,)) if args.quick else ((1, 8), (64, 256))
+    if args.batches:
+        batches = tuple(int(n) for n in args.batches.split(","))
+    if args.new_tokens:
+        new_token_counts = tuple(int(n) for n in args.new_tokens.split(","))
+    machine = {"device": "cpu", "cpu": harness._cpu_model(), "cpu_cores": os.cpu_count(),
+               "torch_threads": torch.get_num_threads()}
+    print(f"{harness.machine_title(machine)}, torch {torch.__version__}; model {config}", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        hf_model, model = build_models(config, folder)
+    rows = measure_speed(hf_model, model, config["vocab_size"], batches, new_token_counts, args.rounds)
+    split = decode_step_split(model, config["vocab_size"], max(batches), max(new_token_counts))
+    print(f"fastllm decode step, batch {split['batch']}, greedy: {split['wall_ms_per_step']:.2f} ms wall per step")
+    for group, ms in split["ms_per_step"].items():
+        print(f"  {group:34s} {ms:7.3f} ms")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "generate.json")
+    with open(path, "w") as out:
+        json.dump({"command": " ".join(["python -m bench.generate", *(argv or sys.argv[1:])]), "model": config,
+                   "torch_threads": torch.get_num_threads(), "speed": rows, "decode_step": split}, out, indent=1)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
