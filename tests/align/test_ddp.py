@@ -109,14 +109,8 @@ def test_batch_normalised_advantages_use_the_whole_batch(ppo_runs):
     assert max(abs(t.double().mean().item()) for t in tokens) > 1e-3  # each rank alone is not whitened
 
 
-@pytest.fixture(scope="module")
-def resumed_runs(ppo_runs):
+def test_ppo_resume_under_torchrun_continues_exactly(ppo_runs):
     torchrun("ddp_ppo_worker.py", ppo_runs, "resume")
-    return ppo_runs
-
-
-def test_ppo_resume_under_torchrun_continues_exactly(resumed_runs):
-    ppo_runs = resumed_runs
     full, resumed = ranks(ppo_runs, "ppo"), ranks(ppo_runs, "resumed")
     for r in range(2):
         assert len(resumed[r]["after_step"]) == 1  # step 3 only: steps 1 and 2 came from the checkpoint
@@ -172,16 +166,16 @@ def test_fsdp_equals_ddp_step_by_step(ppo_runs, run, baseline):
     assert torch.equal(fsdp[0]["final"], fsdp[0]["after_step"][-1]["policy"]) and fsdp[1]["final"] is None
 
 
-def test_fsdp_checkpoint_resumes_exactly_and_loads_on_one_process(resumed_runs, capsys):
+def test_fsdp_checkpoint_resumes_exactly_and_loads_on_one_process(ppo_runs, capsys):
     from fastllm import cli
 
-    full, resumed = ranks(resumed_runs, "ppo_fsdp"), ranks(resumed_runs, "ppo_fsdp_resumed")
+    full, resumed = ranks(ppo_runs, "ppo_fsdp"), ranks(ppo_runs, "ppo_fsdp_resumed")
     for r in range(2):
         assert resumed[r]["drawn"] == full[r]["drawn"][1:]
         for name, value in full[r]["after_step"][1].items():
             assert torch.equal(resumed[r]["after_step"][0][name], value), (r, name)
         assert resumed[r]["records"] == full[r]["records"][1:] and resumed[r]["summary"] == full[r]["summary"]
-    run = resumed_runs / "ppo_fsdp"
+    run = ppo_runs / "ppo_fsdp"
     ckpt = load_checkpoint(run)
     assert ckpt.sharded and ckpt.step == 2
     policy = tiny_gpt(0)
