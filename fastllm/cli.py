@@ -12,7 +12,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("fastllm.demo.pipeline", "the whole pipeline at small scale: tokenizer, pretrain, SFT, reward, PPO, DPO"),
+    "demo": ("fastllm.demo.pipeline", "the whole pipeline at small scale: tokenizer, pretrain, SFT, reward, PPO, GRPO, DPO"),
     "pretrain": ("fastllm.train.pretrain", "pretrain a GPT on a corpus (default: the embedded stdlib corpus)"),
     "sft": ("fastllm.train.sft", "supervised fine-tuning on prompt/response pairs (JSONL)"),
     "reward": ("fastllm.train.reward", "train a reward model on preference pairs (JSONL)"),

@@ -118,6 +118,11 @@ class PPOConfig:
         need(self.clip_eps_high >= 0, "clip_eps_high", ">= 0")
         need(self.kl_coef >= 0 and self.kl_target >= 0, "kl_coef", ">= 0 (and kl_target too)")
         need(self.kl_clamp >= 0, "kl_clamp", ">= 0")
+        # grpo, dr_grpo and rloo give every token of a response its score's advantage: there is no per-token
+        # reward for a KL penalty to enter, so asking for one would silently train without any KL
+        need(not (self.kl_mode == "reward" and self.kl_coef > 0 and self.advantage not in ("gae", "reinforce_pp")),
+             "kl_mode", f"'loss' or 'auto' with advantage {self.advantage!r} (its advantages carry no per-token "
+                        "reward for a KL penalty); 'reward' works with gae and reinforce_pp")
         need(self.tis_threshold > 0, "tis_threshold", "> 0")
         need(0 <= self.overlong_buffer <= self.max_new_tokens, "overlong_buffer", "in [0, max_new_tokens]")
         need(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "in [0, 1] (and lam too)")
