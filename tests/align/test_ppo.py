@@ -337,7 +337,8 @@ def test_trainer_dynamic_sampling_keeps_full_batches_of_informative_groups(tmp_p
 @pytest.mark.parametrize("field,value,message", [
     ("advantage", "ppo", "advantage must be one of"), ("loss_agg", "mean", "loss_agg must be one of"),
     ("ratio_level", "seq", "ratio_level must be one of"), ("tis", "token", "tis must be one of"),
-    ("group_size", 1, "group_size must be >= 2 with advantage='rloo'"), ("overlong_buffer", 99, "overlong_buffer")])
+    ("group_size", 1, "group_size must be >= 2 with advantage='rloo'"), ("overlong_buffer", 99, "overlong_buffer"),
+    ("kl_mode", "reward", "kl_mode must be 'loss' or 'auto' with advantage 'rloo'")])
 def test_bad_config_names_the_field(field, value, message):
     kw = {"advantage": "rloo", "group_size": 2, field: value}
     with pytest.raises(ValueError, match=message):
