@@ -26,6 +26,7 @@ import time
 import torch
 
 from bench import harness
+from bench import report as reporting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT_TOKENS = 32
@@ -141,9 +142,9 @@ def main(argv=None):
         batches = tuple(int(n) for n in args.batches.split(","))
     if args.new_tokens:
         new_token_counts = tuple(int(n) for n in args.new_tokens.split(","))
-    machine = {"device": "cpu", "cpu": harness._cpu_model(), "cpu_cores": os.cpu_count(),
+    machine = {"device": "cpu", "cpu": reporting._cpu_model(), "cpu_cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads()}
-    print(f"{harness.machine_title(machine)}, torch {torch.__version__}; model {config}", flush=True)
+    print(f"{reporting.machine_title(machine)}, torch {torch.__version__}; model {config}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         hf_model, model = build_models(config, folder)
     rows = measure_speed(hf_model, model, config["vocab_size"], batches, new_token_counts, args.rounds)

@@ -27,6 +27,7 @@ import time
 import torch
 
 from bench import harness
+from bench import report as reporting
 from bench.train_step import loadavg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +131,7 @@ def summarise(result: dict) -> dict:
 
 def format_section(rows: list[dict], machine: dict, command: str, args, load_start: str, load_end: str) -> str:
     base = rows[0]
-    table = harness.markdown_table(
+    table = reporting.markdown_table(
         ["mode", "peak MiB / rank", "x DDP", "params+grads+AdamW MiB / rank", "x DDP", "median step s", "tokens/s",
          "x DDP", "load"],
         [[r["mode"], f"{r['peak_mib']:.0f}", f"{r['peak_mib'] / base['peak_mib']:.2f}", f"{r['counted_mib']:.0f}",
@@ -143,7 +144,7 @@ def format_section(rows: list[dict], machine: dict, command: str, args, load_sta
         f"<!-- bench:{SECTION} -->",
         "## Data parallelism: DDP vs FSDP2 vs FSDP2 + activation checkpointing (issue 15)",
         "",
-        f"- {harness.machine_title(machine)}, {args.nproc} processes x {os.environ.get('OMP_NUM_THREADS', '1')} "
+        f"- {reporting.machine_title(machine)}, {args.nproc} processes x {os.environ.get('OMP_NUM_THREADS', '1')} "
         f"thread; torch {machine['torch']}, Python {machine['python']}; {machine['date']}",
         f"- Command: `{command}`",
         f"- Load average (1/5/15 min) at start {load_start}, at end {load_end} (other jobs share the cores; each "
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     if modes[0] != "ddp" or "fsdp" not in modes or any(m not in MODES for m in modes):
         parser.error(f"--modes must start with ddp (the baseline), include fsdp, and use only {list(MODES)}")
     command = "python -m bench.parallel " + shlex.join(sys.argv[1:] if argv is None else argv)
-    machine = harness.describe_machine(harness.Machine.measure(torch.device("cpu"), harness.QUICK_SETTINGS))
+    machine = reporting.describe_machine(harness.Machine.measure(torch.device("cpu"), harness.QUICK_SETTINGS))
     load_start = loadavg()
     rows = []
     for mode in modes:
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
         row["load"] = loadavg().split()[0]
         rows.append(row)
     text = format_section(rows, machine, command.strip(), args, load_start, loadavg())
-    harness.update_results_md(args.out, text, SECTION)
+    reporting.update_results_md(args.out, text, SECTION)
     print(text)
     print(f"written to {args.out}", file=sys.stderr)
     return 0

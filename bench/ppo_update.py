@@ -31,6 +31,7 @@ import tempfile
 import torch
 
 from bench import harness
+from bench import report as reporting
 from fastllm.model import GPT, GPTConfig
 from fastllm.train.rl import PPOConfig, PPOTrainer
 
@@ -91,7 +92,7 @@ def format_report(report: dict, args, machine: dict | None = None, command: str 
     mat = v["materialised"]
     lines = ["# PPO update: fused linear-head losses vs materialised logits", ""]
     if machine:
-        lines.append(f"- {harness.machine_title(machine)}; torch {machine['torch']}; {machine['date']}")
+        lines.append(f"- {reporting.machine_title(machine)}; torch {machine['torch']}; {machine['date']}")
     if command:
         lines.append(f"- Command: `{command}`")
     lines += [f"- Policy: GPT-2 style, {args.layers} layers x {args.hidden} wide, vocab {args.vocab}; critic "
@@ -110,7 +111,7 @@ def format_report(report: dict, args, machine: dict | None = None, command: str 
         rows.append([name, f"{r['median_s']:.3f}", f"{r['min_s']:.3f}", f"{r['tokens_per_s']:.0f}",
                      f"{mat['median_s'] / r['median_s']:.2f}x", peak, mem,
                      f"{r['first_minibatch']['policy_loss']:.6g}"])
-    lines.append(harness.markdown_table(header, rows, right_from=1))
+    lines.append(reporting.markdown_table(header, rows, right_from=1))
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = harness.describe_machine(harness.Machine.measure(torch.device("cpu"), harness.QUICK_SETTINGS))
+    machine = reporting.describe_machine(harness.Machine.measure(torch.device("cpu"), harness.QUICK_SETTINGS))
     text = format_report(run(args), args, machine, "python -m bench.ppo_update " + shlex.join(argv))
     print(text)
     if args.out:

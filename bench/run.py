@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from bench import harness
+from bench import report as reporting
 from bench.cases import families
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,7 +89,7 @@ def measure_all(selected, machine, variants, budget, json_path, info, command):
                 bar.update(1)
                 (skipped if isinstance(outcome, harness.Skipped) else results).append(outcome)
             # rewritten after every case, so an interrupted run still leaves what it measured
-            harness.write_json(json_path, info, command, results, skipped)
+            reporting.write_json(json_path, info, command, results, skipped)
     return results, skipped, not_run
 
 
@@ -113,26 +114,26 @@ def main(argv=None):
         settings = dataclasses.replace(settings, cpu_memory=False)  # RSS keeps freed pages: time only
     allocator = harness.use_allocator(args.allocator)
     machine = harness.Machine.measure(device, settings)
-    info = harness.describe_machine(machine)
+    info = reporting.describe_machine(machine)
     info["allocator"] = allocator
     info["regime"] = args.allocator if device.type == "cpu" else "cuda caching allocator"
     info["section"] = args.section
-    print(harness.machine_title(info), f"| copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s", flush=True)
+    print(reporting.machine_title(info), f"| copy bandwidth {info['copy_bandwidth_gbps']:.1f} GB/s", flush=True)
     json_path = os.path.join(args.out, "results.json")
     results, skipped, not_run = measure_all(selected, machine, variants, args.budget, json_path, info, command)
 
-    notes = harness.format_skipped(skipped)
+    notes = reporting.format_skipped(skipped)
     if not_run:
         notes.append(f"not run (--budget {args.budget:g} s reached): {', '.join(not_run)}")
-    print(harness.format_table(results))
+    print(reporting.format_table(results))
     for note in notes:
         print("-", note)
-    section = harness.markdown_section(info, command, results, notes)
+    section = reporting.markdown_section(info, command, results, notes)
     with open(os.path.join(args.out, "results.md"), "w") as out:
         out.write(section + "\n")
-    harness.update_results_md(results_md, section, harness.section_key(info))
+    reporting.update_results_md(results_md, section, reporting.section_key(info))
     chart = os.path.join(args.out, "speedup.png")
-    plotted = harness.plot(chart, harness.machine_title(info), results)
+    plotted = reporting.plot(chart, reporting.machine_title(info), results)
     print(f"wrote {json_path}, {results_md}" + (f", {chart}" if plotted else " (no chart: no variant to compare)"))
 
 

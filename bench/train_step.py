@@ -43,6 +43,7 @@ from torch.autograd.profiler import record_function
 
 import fastllm
 from bench import harness
+from bench import report as reporting
 from fastllm.model import GPT, GPTConfig
 from fastllm.train.optim import param_groups
 from fastllm.train.pretrain import TRAIN_DEFAULTS, model_config, parser_defaults
@@ -322,13 +323,13 @@ def run(specs: list[ModelSpec], *, threads: tuple[int, ...] = (1, 2), steps: int
 # ---------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------
-_num = harness._fmt_number
+_num = reporting._fmt_number
 
 
 def format_report(report: dict, machine: Optional[dict] = None, command: str = "") -> str:
     lines = ["# Training step throughput: fastllm kernels vs torch backend (CPU)", ""]
     if machine:
-        lines.append(f"- {harness.machine_title(machine)}; torch {machine['torch']}, Python {machine['python']}; "
+        lines.append(f"- {reporting.machine_title(machine)}; torch {machine['torch']}, Python {machine['python']}; "
                      f"{machine['date']}")
     if command:
         lines.append(f"- Command: `{command}`")
@@ -357,7 +358,7 @@ def format_report(report: dict, machine: Optional[dict] = None, command: str = "
             verdicts.append(f"{m['name']}, {t['threads']} thread(s): kernels {ratio:.2f}x the torch backend "
                             f"({'meets' if ratio >= TARGET else 'misses'} the {TARGET}x target), "
                             f"{plain:.2f}x plain PyTorch")
-    lines += [harness.markdown_table(header, rows, right_from=3), ""]
+    lines += [reporting.markdown_table(header, rows, right_from=3), ""]
     lines += [f"- {v}" for v in verdicts]
     for m in report["models"]:
         lines += ["", f"## {m['name']}: {m['describe']}; {m['params_m']:.2f}M parameters, "
@@ -386,7 +387,7 @@ def format_report(report: dict, machine: Optional[dict] = None, command: str = "
         for i, phase in enumerate(PHASES):
             grows.append([phase.replace("step: ", "phase total: ")]
                          + [_num(p["phases"][i][1]) for p in m["profiles"].values()])
-        lines += [harness.markdown_table(header, grows), ""]
+        lines += [reporting.markdown_table(header, grows), ""]
         for name, p in m["profiles"].items():
             lines.append(f"Top ops by self CPU, {name}:")
             lines.append("")
@@ -395,11 +396,11 @@ def format_report(report: dict, machine: Optional[dict] = None, command: str = "
                 shown = {r[0] for r in p["top"]}
                 top_rows += [[op + " (not in top)", _num(ms), f"{100 * ms / p['wall_ms']:.1f}%", f"{calls:.0f}"]
                              for op, ms, calls in p["fastllm_ops"] if op not in shown]
-            lines += [harness.markdown_table(["op", "self ms/step", "% of step", "calls/step"], top_rows), ""]
+            lines += [reporting.markdown_table(["op", "self ms/step", "% of step", "calls/step"], top_rows), ""]
     if report["overhead"]:
         lines += [f"## Per-call cost: fastllm op vs raw C++ kernel vs plain PyTorch "
                   f"({report['overhead_model']} shapes, {report['overhead_threads']} thread(s), median)", ""]
-        lines += [harness.markdown_table(["case", "call", "us/call"], [[c, v, _num(u)] for c, v, u in report["overhead"]],
+        lines += [reporting.markdown_table(["case", "call", "us/call"], [[c, v, _num(u)] for c, v, u in report["overhead"]],
                          right_from=2), ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -437,7 +438,7 @@ def main(argv=None) -> int:
         print(f"the cpp backend cannot run here: {fastllm.backend.why_unavailable('cpp', 'cpu')}", file=sys.stderr)
         return 1
     command = "python -m bench.train_step " + shlex.join(sys.argv[1:] if argv is None else argv)
-    machine = harness.describe_machine(harness.Machine.measure(torch.device("cpu"), harness.QUICK_SETTINGS))
+    machine = reporting.describe_machine(harness.Machine.measure(torch.device("cpu"), harness.QUICK_SETTINGS))
     report = run([MODELS[m]() for m in args.models], threads=args.threads, steps=args.steps, warmup=args.warmup,
                  profile_threads=args.profile_threads, profile_step_count=args.profile_steps, top=args.top,
                  overhead=not args.no_overhead, log=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import MiB, markdown_table, mmap_large_allocations, time_rotating
+from bench.harness import MiB, mmap_large_allocations, time_rotating
+from bench.report import markdown_table
 
 TRAINERS = ("grpo", "dpo", "sft")
 VARIANTS = ("trl", "fastllm")
