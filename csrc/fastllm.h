@@ -47,9 +47,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> norm_backward(
     const std::optional<torch::Tensor>& weight, const torch::Tensor& mean, const torch::Tensor& rstd,
     double offset, bool rms, bool want_weight_grad, bool want_bias_grad);
 
-// Outputs of at least this many bytes are written with streaming (non-temporal) stores by the norm kernels,
-// when their memory is already mapped in (reused, not freshly mmapped); -1 (the default) means 3/4 of the
-// last-level cache. Returns the previous setting. For tests and tuning.
+// Outputs of at least this many bytes are written with streaming (non-temporal) stores by the norm and softmax
+// kernels (cpu/streaming.h), when their memory is already mapped in (reused, not freshly mmapped); -1 (the
+// default) means 3/4 of the last-level cache. Returns the previous setting. For tests and tuning.
 int64_t set_streaming_store_threshold(int64_t bytes);
 
 // ---- attention family (cpu/attention.cpp) ----

@@ -27,6 +27,18 @@ def poison_outputs():
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
+@pytest.fixture
+def streaming_stores():
+    """Every output of the C++ norm and softmax kernels written with streaming stores (by default only those
+    larger than most of the last-level cache are), so the streaming path meets every shape and dtype."""
+    from fastllm import _cpp
+
+    cpp = _cpp.load()
+    previous = cpp.set_streaming_store_threshold(0)
+    yield
+    cpp.set_streaming_store_threshold(previous)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -34,26 +34,18 @@
 // x.clone() plus x + dy, the same traffic with no arithmetic: there the fresh output pages cost more than
 // the kernels do.
 #include "fastllm.h"
+#include "cpu/streaming.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include <sys/mman.h>
-#include <unistd.h>
-
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <fstream>
 #include <memory>
-#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -105,38 +97,15 @@ struct Lanes {
     }
   }
 
-  // store(), bypassing the caches for a whole vector when the SIMD ISA allows it and `stream` is set (the
-  // caller checked the row's alignment, kStreamAlign): see streaming_output.
+  // store(), bypassing the caches for a whole vector when `stream` is set (the caller checked the row's
+  // alignment, kStreamAlign) and the SIMD ISA allows it: see streaming_output.
   static void store(scalar_t* p, const Vec& v, int64_t count, bool stream) {
-#if defined(CPU_CAPABILITY_AVX512)
-    if (stream && count == kWidth) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        _mm512_stream_ps(p, v);
-        return;
-      } else if constexpr (std::is_same_v<scalar_t, double>) {
-        _mm512_stream_pd(p, v);
-        return;
-      } else {  // 16 half-precision values: the low 256 bits of the converted vector
-        const __m512i packed = at::vec::convert_from_float<scalar_t>(v, v);
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(packed));
-        return;
+    if constexpr (kHasStreamingStores) {
+      if (stream && count == kWidth) {
+        if constexpr (std::is_same_v<scalar_t, acc_t>) return stream_register(p, v);
+        else return stream_register(p, lower_half(at::vec::convert_from_float<scalar_t>(v, v)));
       }
     }
-#elif defined(CPU_CAPABILITY_AVX2)
-    if (stream && count == kWidth) {
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        _mm256_stream_ps(p, v);
-        return;
-      } else if constexpr (std::is_same_v<scalar_t, double>) {
-        _mm256_stream_pd(p, v);
-        return;
-      } else {  // 8 half-precision values: the low 128 bits
-        const __m256i packed = at::vec::convert_from_float<scalar_t>(v, v);
-        _mm_stream_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-        return;
-      }
-    }
-#endif
     store(p, v, count);
   }
 
@@ -146,61 +115,6 @@ struct Lanes {
     return reinterpret_cast<uintptr_t>(row) % kStreamAlign == 0;
   }
 };
-
-// Orders this thread's streaming stores before whatever follows (they bypass the usual ordering).
-inline void streaming_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
-
-// Whether an output of `bytes` is written with streaming (non-temporal) stores: when it is larger than most
-// of the last-level cache, it would not stay cached for its consumer anyway, and a normal store first reads
-// each line in (a third more DRAM traffic for y = f(x), a quarter more for dx = f(x, dy)). glibc's memcpy
-// switches to streaming stores at a similar size. Outputs that fit stay cache-resident for the next op, and
-// outputs on pages not yet mapped in are written normally (see page_resident).
-std::atomic<int64_t> streaming_threshold{-1};  // -1: automatic (set_streaming_store_threshold)
-
-// Bytes of the level-3 cache that CPU 0 shares with its neighbours, from Linux's sysfs; 0 if unknown. Not
-// sysconf(_SC_LEVEL3_CACHE_SIZE): under a hypervisor it can report the host's total (320 MiB on the 2-core
-// EPYC VM this was tuned on, whose cores share one 32 MiB L3).
-int64_t shared_l3_bytes() {
-  for (int index = 0; index < 8; ++index) {
-    const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/";
-    std::ifstream level_file(dir + "level"), size_file(dir + "size");
-    int level = 0;
-    std::string size;  // e.g. "32768K"
-    if (!(level_file >> level) || !(size_file >> size)) break;
-    if (level != 3 || size.empty()) continue;
-    const int64_t unit = size.back() == 'K' ? 1 << 10 : size.back() == 'M' ? 1 << 20 : 1;
-    return std::atoll(size.c_str()) * unit;
-  }
-  return 0;
-}
-
-// Whether the memory page holding `address` is already mapped in (mincore). A freshly mmapped output is not:
-// the first write to each page faults, and the kernel zeroes the page through the cache, after which a
-// normal store hits in cache and a streaming one must evict the line first (measured: LayerNorm 8192x1024
-// fp32 fwd+bwd 0.86x eager with streaming stores on fresh pages, 1.25-1.46x on reused ones).
-bool page_resident(const void* address) {
-  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  unsigned char resident = 0;
-  void* start = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(address) & ~(page - 1));
-  return mincore(start, 1, &resident) == 0 && (resident & 1);
-}
-
-bool streaming_output(const torch::Tensor& out) {
-  static const int64_t automatic = [] {
-    int64_t l3 = shared_l3_bytes();
-    if (l3 <= 0) l3 = static_cast<int64_t>(sysconf(_SC_LEVEL3_CACHE_SIZE));
-    return l3 > 0 ? l3 * 3 / 4 : int64_t(24) << 20;
-  }();
-  const int64_t threshold = streaming_threshold.load(std::memory_order_relaxed);
-  const int64_t bytes = static_cast<int64_t>(out.nbytes());
-  if (bytes == 0 || bytes < (threshold < 0 ? automatic : threshold)) return false;
-  const auto* first = static_cast<const char*>(out.data_ptr());
-  return page_resident(first) && page_resident(first + bytes - 1);
-}
 
 // Vectors handled per step of a row loop, each summing into its own accumulator: one chain of dependent
 // adds (4 cycles each on AVX-512) per reduction made the in-cache passes twice as slow.
@@ -508,11 +422,6 @@ int64_t padded_length(int64_t cols) {
 }
 
 }  // namespace
-
-int64_t set_streaming_store_threshold(int64_t bytes) {
-  TORCH_CHECK(bytes >= -1, "set_streaming_store_threshold: bytes must be >= 0, or -1 for automatic, got ", bytes);
-  return streaming_threshold.exchange(bytes);
-}
 
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> norm_forward(
     const torch::Tensor& x, const std::optional<torch::Tensor>& residual, const std::optional<torch::Tensor>& weight,

@@ -21,6 +21,7 @@
 // The second read of a row in softmax_forward/backward comes from L2 while a row fits there
 // (V up to ~256K fp32 on a 2 MiB L2), so DRAM sees each input once.
 #include "fastllm.h"
+#include "cpu/streaming.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -28,9 +29,11 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace fastllm {
 namespace {
@@ -108,19 +111,26 @@ const acc_t* stage_chunk(const scalar_t* x, int64_t n, acc_t pad, acc_t* buf) {
 }
 
 // out[i] = vector_at(i)[i % width] for i < n: the result vectors, computed from staged chunks,
-// narrowed to the output dtype. vector_at is only called at offsets inside the padded length.
+// narrowed to the output dtype. vector_at is only called at offsets inside the padded length. With `stream`
+// (out aligned to a vector, see stream_row), whole vectors bypass the caches.
 template <typename scalar_t, typename F>
-void store_chunk(scalar_t* out, int64_t n, const F& vector_at) {
+void store_chunk(scalar_t* out, int64_t n, const F& vector_at, bool stream = false) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
+  const auto store = [stream](scalar_t* p, const Vectorized<scalar_t>& v) {
+    if constexpr (kHasStreamingStores) {
+      if (stream) return stream_register(p, v);
+    }
+    v.store(p);
+  };
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    for (; i + Vec::size() <= n; i += Vec::size()) vector_at(i).store(out + i);
+    for (; i + Vec::size() <= n; i += Vec::size()) store(out + i, vector_at(i));
     if (i < n) vector_at(i).store(out + i, n - i);
   } else {  // two fp32 vectors narrow to one vector of halves
     using HalfVec = Vectorized<scalar_t>;
     for (; i + HalfVec::size() <= n; i += HalfVec::size()) {
-      at::vec::convert_from_float<scalar_t>(vector_at(i), vector_at(i + Vec::size())).store(out + i);
+      store(out + i, at::vec::convert_from_float<scalar_t>(vector_at(i), vector_at(i + Vec::size())));
     }
     if (i < n) {
       const Vec hi = n - i > Vec::size() ? vector_at(i + Vec::size()) : Vec(0);
@@ -144,6 +154,13 @@ struct Chunk {
   // 4096 x 50257 fp32 on 2 threads went from 104 to 70 ms. (Prefetching is harmless past the end.)
   void prefetch_next(int64_t i) const { __builtin_prefetch(next_source + i * source_element_bytes); }
 };
+
+// Whether an output row is written with streaming stores: the whole output is (streaming_output) and the row
+// starts on a vector boundary, as then every chunk does (kChunk is a multiple of every vector width).
+template <typename scalar_t>
+bool stream_row(bool stream_output, const scalar_t* row) {
+  return stream_output && aligned_to(row, sizeof(Vectorized<scalar_t>));
+}
 
 // Walks row[0, cols) chunk by chunk, staging each (through `buf`, kChunk elements, where needed) and
 // calling on_chunk(const Chunk&).
@@ -203,9 +220,10 @@ struct OnlineSoftmax {
 
   explicit OnlineSoftmax(acc_t scale) : scale(scale) {}
 
-  // Adds a staged chunk of x padded with -inf.
-  template <bool kWantEntropy>
-  void add_chunk(const Chunk<acc_t>& chunk) {
+  // Adds a staged chunk of x padded with -inf. With kStoreExp, also writes e = exp(z - max) of the chunk's
+  // padded_n entries to exp_out, relative to the max after this chunk (`max`, which the caller records).
+  template <bool kWantEntropy, bool kStoreExp = false>
+  void add_chunk(const Chunk<acc_t>& chunk, acc_t* exp_out = nullptr) {
     const acc_t* x = chunk.data;
     const Vec vscale(scale);
     Vec chunk_max[kChains];
@@ -223,6 +241,7 @@ struct OnlineSoftmax {
       if (std::any_of(x, x + chunk.padded_n, [](acc_t v) { return std::isnan(v); })) {
         sum_exp = sum_exp_shifted = std::numeric_limits<double>::quiet_NaN();
       }
+      if constexpr (kStoreExp) std::fill(exp_out, exp_out + chunk.padded_n, acc_t(0));
       return;
     }
 
@@ -238,6 +257,7 @@ struct OnlineSoftmax {
       // an fma here made lse that of the unrounded z, off by up to ulp(z) / 2 from the backward's log p.
       const Vec shifted = Vec::loadu(x + i) * vscale + neg_max;
       const Vec e = vec_exp(shifted);
+      if constexpr (kStoreExp) e.store(exp_out + i);
       chunk_sum_exp[k] = chunk_sum_exp[k] + e;
       if constexpr (kWantEntropy) {
         chunk_sum_exp_shifted[k] = at::vec::fmadd(e, at::vec::clamp_min(shifted, lowest), chunk_sum_exp_shifted[k]);
@@ -328,7 +348,8 @@ struct RowCoefficients {
 
 template <typename scalar_t>
 void logit_stats_backward_kernel(const scalar_t* x, int64_t rows, int64_t cols, const int64_t* labels,
-                                 const double* lse, RowCoefficients coef, double inv_temperature, scalar_t* dx) {
+                                 const double* lse, RowCoefficients coef, double inv_temperature, scalar_t* dx,
+                                 bool stream_dx) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const acc_t s = static_cast<acc_t>(inv_temperature);
@@ -350,6 +371,7 @@ void logit_stats_backward_kernel(const scalar_t* x, int64_t rows, int64_t cols, 
       const acc_t lse_hi = static_cast<acc_t>(lse[r]);
       const acc_t lse_lo = static_cast<acc_t>(lse[r] - static_cast<double>(lse_hi));
       const Vec vs(s), vsa(sa), vsb(sb), vsd(sd), vlse_hi(lse_hi), vlse_lo(lse_lo), vlowest(lowest);
+      const bool stream = stream_row(stream_dx, dx_row);
       for_each_chunk(row, cols, kNegInf<acc_t>, buf, [&](const Chunk<acc_t>& chunk) {
         store_chunk(dx_row + chunk.begin, chunk.n, [&](int64_t i) {
           // z rounded to acc_t, exactly as in the forward's max and exp passes.
@@ -357,7 +379,7 @@ void logit_stats_backward_kernel(const scalar_t* x, int64_t rows, int64_t cols, 
           const Vec p = vec_exp_accurate(w);
           // (p * s b) * max(w, lowest): p = 0 at w = -inf gives 0, not 0 * -inf = NaN.
           return at::vec::fmadd(p * vsb, at::vec::clamp_min(w, vlowest), at::vec::fmadd(p, vsa, vsd));
-        });
+        }, stream);
       });
       // The one-hot term goes into the label's gradient before rounding, not onto its rounded value.
       const int64_t label = labels == nullptr ? -1 : labels[r];
@@ -367,13 +389,58 @@ void logit_stats_backward_kernel(const scalar_t* x, int64_t rows, int64_t cols, 
         dx_row[label] = static_cast<scalar_t>(std::fma(p * sb, std::max(w, lowest), std::fma(p, sa, sd)) + sc);
       }
     }
+    if (stream_dx) streaming_fence();
+  });
+}
+
+// Rows of up to this many columns keep their exponentials in a per-thread acc_t buffer (256 KiB of fp32,
+// in L2), so softmax takes exp once per element, as ATen's does; longer rows take it again in the output pass.
+constexpr int64_t kMaxBufferedCols = 1 << 16;
+
+// softmax of rows that fit the buffer: one online pass stores e = exp(x - m) per chunk, m being the running
+// max when the chunk was seen; the output pass scales each chunk by exp(m - max) / sum. A chunk seen at the
+// final max is scaled by exactly the 1 / sum of the two-pass kernel, so its outputs are the same bits.
+template <typename scalar_t>
+void softmax_forward_buffered_kernel(const scalar_t* x, int64_t rows, int64_t cols, scalar_t* y, bool stream_y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t chunks = (cols + kChunk - 1) / kChunk;
+  parallel_rows(rows, cols, [&](int64_t row_begin, int64_t row_end) {
+    alignas(64) acc_t buf[kChunk];
+    std::vector<acc_t> exps(chunks * kChunk);
+    std::vector<acc_t> seen_max(chunks);
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      OnlineSoftmax<acc_t> stats(1);
+      for_each_chunk(x + r * cols, cols, kNegInf<acc_t>, buf, [&](const Chunk<acc_t>& chunk) {
+        stats.template add_chunk<false, true>(chunk, exps.data() + chunk.begin);
+        seen_max[chunk.begin / kChunk] = stats.max;
+      });
+      // An all -inf row: max - max = NaN and 1 / 0 = inf, so every output is NaN (0 * inf), as in PyTorch.
+      const double inv_total = 1 / stats.sum_exp;
+      scalar_t* y_row = y + r * cols;
+      const bool stream = stream_row(stream_y, y_row);
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t begin = c * kChunk;
+        const acc_t scale = seen_max[c] == stats.max
+                                ? static_cast<acc_t>(inv_total)
+                                : static_cast<acc_t>(std::exp(static_cast<double>(seen_max[c]) - stats.max) * inv_total);
+        const Vec vscale(scale);
+        const acc_t* e = exps.data() + begin;
+        store_chunk(y_row + begin, std::min(kChunk, cols - begin), [&](int64_t i) { return Vec::loadu(e + i) * vscale; },
+                    stream);
+      }
+    }
+    if (stream_y) streaming_fence();
   });
 }
 
 template <typename scalar_t, bool kLog>
-void softmax_forward_kernel(const scalar_t* x, int64_t rows, int64_t cols, scalar_t* y) {
+void softmax_forward_kernel(const scalar_t* x, int64_t rows, int64_t cols, scalar_t* y, bool stream_y) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
+  if constexpr (!kLog) {
+    if (cols <= kMaxBufferedCols) return softmax_forward_buffered_kernel(x, rows, cols, y, stream_y);
+  }
   parallel_rows(rows, cols, [&](int64_t row_begin, int64_t row_end) {
     alignas(64) acc_t buf[kChunk];
     for (int64_t r = row_begin; r < row_end; ++r) {
@@ -385,56 +452,106 @@ void softmax_forward_kernel(const scalar_t* x, int64_t rows, int64_t cols, scala
       const Vec vmax(stats.max);
       const Vec log_total(static_cast<acc_t>(std::log(stats.sum_exp)));
       const Vec inv_total(static_cast<acc_t>(1 / stats.sum_exp));
+      scalar_t* y_row = y + r * cols;
+      const bool stream = stream_row(stream_y, y_row);
       for_each_chunk(row, cols, kNegInf<acc_t>, buf, [&](const Chunk<acc_t>& chunk) {
-        store_chunk(y + r * cols + chunk.begin, chunk.n, [&](int64_t i) {
+        store_chunk(y_row + chunk.begin, chunk.n, [&](int64_t i) {
           const Vec shifted = Vec::loadu(chunk.data + i) - vmax;
           if constexpr (kLog) return shifted - log_total;
           else return vec_exp(shifted) * inv_total;
-        });
+        }, stream);
       });
     }
+    if (stream_y) streaming_fence();
   });
 }
 
-// softmax:     dx = y * (dy - sum(dy * y))
-// log_softmax: dx = dy - exp(y) * sum(dy)
-template <typename scalar_t, bool kLog>
-void softmax_backward_kernel(const scalar_t* dy, const scalar_t* y, int64_t rows, int64_t cols, scalar_t* dx) {
+// A row of scalar_t read and written a whole vector of scalar_t at a time, held in acc_t registers: one
+// Vec for fp32/fp64, two for fp16/bf16, widened and narrowed in registers. (Staging half-precision rows
+// through an L1 buffer, as the forward does, costs a store and a reload per element: the bf16 softmax
+// backward was 1.4x slower than ATen's that way.) A ragged last vector loads with zeros past the row's end.
+template <typename scalar_t>
+struct RowVector {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
+  static constexpr int kParts = std::is_same_v<scalar_t, acc_t> ? 1 : 2;
+  static constexpr int64_t kWidth = Vectorized<scalar_t>::size();
+  std::array<Vec, kParts> part;
+
+  static RowVector load(const scalar_t* p, int64_t count) {
+    const auto v = count == kWidth ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, count);
+    if constexpr (kParts == 1) {
+      return {{v}};
+    } else {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(v);
+      return {{lo, hi}};
+    }
+  }
+
+  static void store(scalar_t* p, const RowVector& v, int64_t count, bool stream) {
+    Vectorized<scalar_t> narrow;
+    if constexpr (kParts == 1) narrow = v.part[0];
+    else narrow = at::vec::convert_from_float<scalar_t>(v.part[0], v.part[1]);
+    if constexpr (kHasStreamingStores) {
+      if (stream && count == kWidth) return stream_register(p, narrow);
+    }
+    count == kWidth ? narrow.store(p) : narrow.store(p, count);
+  }
+};
+
+// softmax:     dx = y * (dy - sum(dy * y))
+// log_softmax: dx = dy - exp(y) * sum(dy)
+// The sum is taken in kChains acc_t vectors per kChunk columns, each chunk's folded into a double row total,
+// as in OnlineSoftmax; the second pass re-reads dy and y from L2.
+template <typename scalar_t, bool kLog>
+void softmax_backward_kernel(const scalar_t* dy, const scalar_t* y, int64_t rows, int64_t cols, scalar_t* dx,
+                             bool stream_dx) {
+  using R = RowVector<scalar_t>;
+  using Vec = typename R::Vec;
+  using acc_t = typename R::acc_t;
+  constexpr int64_t W = R::kWidth;
+  constexpr int kSteps = kChains / R::kParts;  // vectors of scalar_t per group, one accumulator per part
+  static_assert(kChunk % (W * kSteps) == 0, "a chunk is whole groups");
   parallel_rows(rows, cols, [&](int64_t row_begin, int64_t row_end) {
-    alignas(64) acc_t dy_buf[kChunk];
-    alignas(64) acc_t y_buf[kChunk];
     for (int64_t r = row_begin; r < row_end; ++r) {
       const scalar_t* dy_row = dy + r * cols;
       const scalar_t* y_row = y + r * cols;
-      // Per-chunk lane sums, added up in double as in OnlineSoftmax; padding with 0 keeps the pad out.
-      double row_sum = 0;
-      for_each_chunk(dy_row, cols, acc_t(0), dy_buf, [&](const Chunk<acc_t>& dy_chunk) {
-        Vec chunk_sum[kChains];
-        for (auto& sum : chunk_sum) sum = Vec(0);
+      const auto term = [&](int64_t i, int64_t count, Vec* sums) {
+        const R dyv = R::load(dy_row + i, count);
         if constexpr (kLog) {
-          for_each_vector<acc_t>(dy_chunk.padded_n, [&](int64_t i, int k) {
-            chunk_sum[k] = chunk_sum[k] + Vec::loadu(dy_chunk.data + i);
-          });
+          for (int j = 0; j < R::kParts; ++j) sums[j] = sums[j] + dyv.part[j];
         } else {
-          const acc_t* y_chunk = stage_chunk(y_row + dy_chunk.begin, dy_chunk.n, acc_t(0), y_buf);
-          for_each_vector<acc_t>(dy_chunk.padded_n, [&](int64_t i, int k) {
-            chunk_sum[k] = at::vec::fmadd(Vec::loadu(dy_chunk.data + i), Vec::loadu(y_chunk + i), chunk_sum[k]);
-          });
+          const R yv = R::load(y_row + i, count);
+          for (int j = 0; j < R::kParts; ++j) sums[j] = at::vec::fmadd(dyv.part[j], yv.part[j], sums[j]);
         }
-        row_sum += reduce_sum_wide(combine(chunk_sum, [](Vec a, Vec b) { return a + b; }));
-      });
+      };
+      double row_sum = 0;
+      for (int64_t begin = 0; begin < cols; begin += kChunk) {
+        const int64_t end = std::min(cols, begin + kChunk);
+        Vec sums[kChains];
+        for (auto& sum : sums) sum = Vec(0);
+        int64_t i = begin;
+        for (; i + kSteps * W <= end; i += kSteps * W) {
+          for (int step = 0; step < kSteps; ++step) term(i + step * W, W, sums + step * R::kParts);
+        }
+        for (; i < end; i += W) term(i, std::min(W, end - i), sums);
+        row_sum += reduce_sum_wide(combine(sums, [](Vec a, Vec b) { return a + b; }));
+      }
       const Vec total(static_cast<acc_t>(row_sum));
-      for_each_chunk(dy_row, cols, acc_t(0), dy_buf, [&](const Chunk<acc_t>& dy_chunk) {
-        const acc_t* y_chunk = stage_chunk(y_row + dy_chunk.begin, dy_chunk.n, acc_t(0), y_buf);
-        store_chunk(dx + r * cols + dy_chunk.begin, dy_chunk.n, [&](int64_t i) {
-          const Vec dyi = Vec::loadu(dy_chunk.data + i), yi = Vec::loadu(y_chunk + i);
-          if constexpr (kLog) return at::vec::fnmadd(vec_exp(yi), total, dyi);  // one rounding, not two
-          else return yi * (dyi - total);
-        });
-      });
+      scalar_t* dx_row = dx + r * cols;
+      const bool stream = stream_row(stream_dx, dx_row);
+      for (int64_t i = 0; i < cols; i += W) {
+        const int64_t count = std::min(W, cols - i);
+        const R dyv = R::load(dy_row + i, count), yv = R::load(y_row + i, count);
+        R dxv;
+        for (int j = 0; j < R::kParts; ++j) {
+          if constexpr (kLog) dxv.part[j] = at::vec::fnmadd(vec_exp(yv.part[j]), total, dyv.part[j]);  // one rounding
+          else dxv.part[j] = yv.part[j] * (dyv.part[j] - total);
+        }
+        R::store(dx_row + i, dxv, count, stream);
+      }
     }
+    if (stream_dx) streaming_fence();
   });
 }
 
@@ -487,7 +604,7 @@ torch::Tensor softmax_forward(const torch::Tensor& x, bool log) {
   auto y = torch::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "softmax_forward", [&] {
     const auto kernel = log ? softmax_forward_kernel<scalar_t, true> : softmax_forward_kernel<scalar_t, false>;
-    kernel(x.data_ptr<scalar_t>(), x.size(0), x.size(1), y.data_ptr<scalar_t>());
+    kernel(x.data_ptr<scalar_t>(), x.size(0), x.size(1), y.data_ptr<scalar_t>(), streaming_output(y));
   });
   return y;
 }
@@ -502,7 +619,8 @@ torch::Tensor softmax_backward(const torch::Tensor& dy, const torch::Tensor& y, 
   auto dx = torch::empty_like(y);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "softmax_backward", [&] {
     const auto kernel = log ? softmax_backward_kernel<scalar_t, true> : softmax_backward_kernel<scalar_t, false>;
-    kernel(dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), y.size(0), y.size(1), dx.data_ptr<scalar_t>());
+    kernel(dy.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), y.size(0), y.size(1), dx.data_ptr<scalar_t>(),
+           streaming_output(dx));
   });
   return dx;
 }
@@ -554,7 +672,7 @@ torch::Tensor logit_stats_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     logit_stats_backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), rows, cols, data_or_null<int64_t>(checked_labels),
                                           checked_lse.data_ptr<double>(), coef, inv_temperature,
-                                          dx.data_ptr<scalar_t>());
+                                          dx.data_ptr<scalar_t>(), streaming_output(dx));
   });
   return dx;
 }

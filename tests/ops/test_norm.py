@@ -108,18 +108,6 @@ def test_hidden_16384(case, backend, device, dtype, param_dtype):
     check_case(case, backend, device, make_inputs((2, 16384), dtype, param_dtype))
 
 
-@pytest.fixture
-def streaming_stores():
-    """Every output of the C++ norm kernels written with streaming stores (by default only those larger than
-    most of the last-level cache are), so the streaming path meets every shape and dtype."""
-    from fastllm import _cpp
-
-    cpp = _cpp.load()
-    previous = cpp.set_streaming_store_threshold(0)
-    yield
-    cpp.set_streaming_store_threshold(previous)
-
-
 @pytest.mark.usefixtures("poison_outputs", "streaming_stores")
 @pytest.mark.parametrize("shape", [(5, 7), (3, 1000), (33, 64), (2, 9000)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype,param_dtype", DTYPE_PAIRS, ids=DTYPE_IDS)

@@ -71,6 +71,17 @@ def test_matches_float64(case, backend, device, dtype, shape):
     check_case(case, backend, device, logits, labels)
 
 
+# (16, 4096): rows aligned for whole-vector streaming, two chunks each; 2049 and 70001 mix aligned and unaligned rows
+# with ragged chunks, and 70001 is past the columns the softmax forward keeps its exponentials for.
+@pytest.mark.usefixtures("poison_outputs", "streaming_stores")
+@pytest.mark.parametrize("shape", [(16, 4096), (5, 2049), (3, 70001)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["softmax", "log_softmax", "token_logprobs", "cross_entropy_none_smooth"])
+def test_cpp_streaming_stores_match_float64(case, dtype, shape):
+    logits, labels = make_inputs(shape, dtype, "cpu")
+    check_case(case, "cpp", "cpu", logits, labels)
+
+
 @pytest.mark.usefixtures("poison_outputs")
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
 @pytest.mark.parametrize("case", ["softmax", "log_softmax", "token_logprobs", "entropy", "cross_entropy"])
