@@ -37,8 +37,9 @@ loss raises at the call that asks for it. The supported TRL versions are SUPPORT
 fastllm's pyproject.toml); another version raises a RuntimeError saying which is installed.
 
 Precision: under bf16 autocast (TRL's default) the head's matmuls run in bf16, as TRL's own head and F.linear
-do. fastllm's op returns the head's gradients in that dtype, where TRL's head accumulates and returns them in
-fp32, so with fp32 master weights the patched gradients carry one bf16 rounding more than unpatched TRL's.
+do, on the fp32 master weight, which the op takes uncast: the gradients of the weight and of the hidden states
+come back in fp32, their products summed in fp32 without a bf16 rounding (as TRL's head sums them), and no bf16
+copy of a gradient ever exists (fastllm/ops/_chunked_head.py).
 """
 import functools
 import math
@@ -159,7 +160,7 @@ def _check_head(model, head):
 
 def _head_operands(hidden, lm_head, cast_to_fp32):
     """(hidden, weight, bias) for the fused op: fp32 when cast_lm_head_to_fp32 (GRPO), else in the weight's dtype;
-    under autocast the op itself then casts all three to the autocast dtype, as F.linear (and TRL's head) do."""
+    under autocast the op runs its matmuls in the autocast dtype, as F.linear (and TRL's head) do."""
     weight, bias = lm_head.weight, lm_head.bias
     dtype = torch.float32 if cast_to_fp32 else weight.dtype
     return hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)

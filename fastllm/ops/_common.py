@@ -56,11 +56,12 @@ def as_rows(x):
     return x.reshape(-1, x.shape[-1]).contiguous(), lead
 
 
-def resolve(t):
-    """The backend for tensor `t`: the requested one if it runs on t's device and dtype, else torch."""
+def resolve(t, dtype=None):
+    """The backend for tensor `t`: the requested one if it runs on t's device and dtype (or `dtype`, the one the
+    op computes in), else torch."""
     if t.numel() == 0:  # nothing to launch; the reference returns the right empty shapes
         return "torch"
-    return _backend.resolve(t.device, t.dtype)
+    return _backend.resolve(t.device, dtype or t.dtype)
 
 
 def call_op(op, *args):
@@ -104,15 +105,24 @@ def autocast_device(t):
     return t.device.type if torch.is_autocast_enabled(t.device.type) else None
 
 
+def autocast_dtype(policy, device_type, t):
+    """The dtype `policy` gives tensor t inside torch.autocast(device_type): floating tensors on that device other
+    than float64 (torch's eligibility rule) go to the autocast dtype (LOWER) or float32 (FP32); the rest, and
+    every tensor when policy or device_type is None, keep theirs. None for a non-tensor."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    if (policy is None or device_type is None or not t.is_floating_point() or t.dtype == torch.float64
+            or t.device.type != device_type):
+        return t.dtype
+    return torch.get_autocast_dtype(device_type) if policy == LOWER else torch.float32
+
+
 def autocast_cast(policy, device_type, *tensors):
-    """The tensors as `policy` casts them inside torch.autocast(device_type): floating tensors on that device
-    other than float64 (torch's eligibility rule) go to the autocast dtype (LOWER) or float32 (FP32); the rest,
-    and every tensor when policy is None, pass unchanged."""
-    if policy is None or device_type is None:
+    """The tensors as `policy` casts them inside torch.autocast(device_type) (autocast_dtype)."""
+    if policy is None or device_type is None:  # outside autocast: no per-tensor checks (decode steps are short)
         return tensors
-    dtype = torch.get_autocast_dtype(device_type) if policy == LOWER else torch.float32
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
-                 and t.device.type == device_type else t for t in tensors)
+    return tuple(t if not isinstance(t, torch.Tensor) else t.to(autocast_dtype(policy, device_type, t))
+                 for t in tensors)
 
 
 def register_autocast(name, rule=None):

@@ -1,17 +1,9 @@
 """Fused linear-head losses: log-probs, entropy and cross-entropy straight from hidden states, and the PPO and
 DPO losses built on them, without ever holding the (tokens, vocabulary) logits.
 
-One driver, `_run_chunks`, serves every op and both kernel backends (cpp and triton differ only in which
-softmax-family kernels `kernels(backend, "softmax")` returns). With hidden (N, H), weight (V, H), z = logits / T:
-
-    for each chunk of C token rows:
-        logits  = hidden[rows] @ weight.T + bias                    (C, V): a matmul, MKL/oneDNN or cuBLAS
-        lse, z[label], sum(z), entropy = logit_stats_forward(logits)     one read of the chunk
-        a, b, c, d = the loss's per-row coefficients, from those statistics
-        dlogits = logit_stats_backward(logits, a, b, c, d)          (C, V): p (a + b log p) + c onehot + d
-        grad_hidden[rows] = dlogits @ weight;  grad_weight += dlogits.T @ hidden[rows];  grad_bias += sum(dlogits)
-        (the chunk's logits and dlogits are freed before the next chunk)
-
+Every op runs on one driver, _chunked_head.run_chunks (the logits of a chunk of token rows at a time, their row
+statistics, and the gradients summed chunk by chunk; its docstring gives the loop and the precision rules), on
+both kernel backends (cpp and triton differ only in which softmax-family kernels they supply).
 Each loss says only how its value depends on the row statistics (a "head": its coefficients are the
 derivatives of the loss with respect to lse, z[label], sum(z) and entropy, folded into (a, b, c, d) by
 softmax.stat_gradient_coefficients).
@@ -32,23 +24,29 @@ Two schedules, and why:
   computed even when they exceed the chunk budget.
 
 Memory beyond inputs and outputs: two C x V chunks (logits and their gradient; C x V x itemsize each) plus
-the gradients; a half-precision weight gradient is summed in fp32 (V x H x 4 bytes, plus one chunk's V x H
-partial). C is chosen so a chunk of logits is at most CHUNK_BYTES (128 MiB: at 8192 x 768 x 50257 fp32 that
-is 13 chunks of 631 rows, each still a large, efficient matmul), or is set by `chunk_size` (token rows).
+the gradients, in the inputs' dtypes (a half-precision weight's summed in fp32); under autocast, one copy of
+the weight in the autocast dtype during each call. C is chosen so a chunk of logits is at most CHUNK_BYTES
+(128 MiB: at 8192 x 768 x 50257 fp32 that is 13 chunks of 631 rows, each still a large, efficient matmul), or
+is set by `chunk_size` (token rows).
+
+Autocast: the ops behave as F.linear + the loss do under torch.autocast (matmuls in the autocast dtype,
+losses and log-probs fp32, gradients in the inputs' dtypes), but the inputs reach the op uncast and the op
+casts inside its chunk loop: the fp32 master weight's gradient is summed in fp32 and never exists in bf16.
 """
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from . import rl
-from ._common import check_label_range, check_positive, check_same_device, check_tensor, kernels, resolve
-from ._common import LOWER, autocast_cast, autocast_device, register_autocast
+from ._chunked_head import CHUNK_BYTES  # noqa: F401 (re-exported: the documented chunk budget)
+from ._chunked_head import Projection, chunk_rows, even_ranges, put_rows, row_chunks, rows_of, run_chunks
+from ._chunked_head import sequence_chunks
+from ._common import check_label_range, check_positive, check_same_device, check_tensor, resolve
+from ._common import LOWER, autocast_device, autocast_dtype, register_autocast
 from .softmax import reference as softmax_reference
 from .softmax import stat_gradient_coefficients
 
-SOFTMAX = "softmax"  # the kernel family whose row-statistics kernels every chunk runs
-CHUNK_BYTES = 128 * 2**20  # most bytes of logits in one chunk, unless chunk_size says otherwise
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -97,156 +95,14 @@ class reference:
                            ref_rejected_logps, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Chunking
-# ---------------------------------------------------------------------------------------------------------
-def chunk_rows(vocab: int, dtype: torch.dtype, chunk_size: Optional[int] = None) -> int:
-    """Most token rows per chunk: `chunk_size` if given, else as many as keep a chunk of logits in CHUNK_BYTES."""
-    if chunk_size is not None:
-        return chunk_size
-    return max(1, CHUNK_BYTES // (vocab * dtype.itemsize))
-
-
-def _even_ranges(total, most):
-    """[0, total) cut into the fewest ranges of at most `most`, whose sizes differ by at most one (no tiny
-    last range: 8192 rows at most 667 a chunk are 13 chunks of 630 or 631, not 12 of 667 and one of 188)."""
-    count = max(1, -(-total // most))
-    bounds = [i * total // count for i in range(count + 1)]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _row_chunks(rows, most):
-    """Chunks of consecutive token rows; a chunk is a tuple of [start, end) row ranges."""
-    return [(bounds,) for bounds in _even_ranges(rows, most)]
-
-
-def _sequence_chunks(bounds, most):
-    """Chunks of whole sequences (bounds: cu_seqlens as a list): runs of consecutive sequences of at most `most`
-    rows in all, a longer sequence alone in its chunk."""
-    chunks = []
-    start = last = bounds[0]
-    for end in bounds[1:]:
-        if end - start > most and last > start:  # the run so far is full: close it before this sequence
-            chunks.append(((start, last),))
-            start = last
-        last = end
-    if last > start or not chunks:
-        chunks.append(((start, last),))
-    return chunks
-
-
-def _rows(t, ranges):
-    """The rows of one chunk: a view for one range, a copy for several (rows x hidden: small next to logits)."""
-    if len(ranges) == 1:
-        start, end = ranges[0]
-        return t[start:end]
-    return torch.cat([t[start:end] for start, end in ranges])
-
-
-def _put_rows(out, ranges, values):
-    offset = 0
-    for start, end in ranges:
-        out[start:end] = values[offset:offset + end - start]
-        offset += end - start
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The driver
-# ---------------------------------------------------------------------------------------------------------
-class _Projection(NamedTuple):
-    """What every chunk shares: hidden (N, H), weight (V, H), bias (V,) or None, labels (N,) int64."""
-    hidden: torch.Tensor
-    weight: torch.Tensor
-    bias: Optional[torch.Tensor]
-    labels: torch.Tensor
-    inv_temperature: float
-    ignore_index: int
-
-
-class _GradientSums:
-    """grad_hidden, grad_weight and grad_bias built chunk by chunk; each one not wanted is an empty tensor."""
-
-    def __init__(self, projection, want_grads):
-        hidden, weight, bias = projection.hidden, projection.weight, projection.bias
-        self.projection = projection
-        # A half-precision weight gradient is summed over chunks in fp32: each chunk's matmul rounds once, as
-        # eager's one matmul does, and the running sum adds no rounding of its own until the final cast.
-        self.sum_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-        self.want_hidden, self.want_weight = want_grads[0], want_grads[1]
-        self.want_bias = want_grads[2] and bias is not None
-        self.hidden = torch.empty_like(hidden) if self.want_hidden else None  # every row is written by one chunk
-        self.weight = self.bias = None  # the first chunk's contribution, then the running sum
-
-    @property
-    def wanted(self):
-        return self.want_hidden or self.want_weight or self.want_bias
-
-    def add(self, ranges, hidden, dlogits):
-        weight = self.projection.weight
-        if self.want_hidden:
-            if len(ranges) == 1:
-                torch.mm(dlogits, weight, out=self.hidden[ranges[0][0]:ranges[0][1]])
-            else:
-                _put_rows(self.hidden, ranges, dlogits @ weight)
-        if self.want_weight:
-            if self.weight is None:
-                self.weight = (dlogits.t() @ hidden).to(self.sum_dtype)
-            elif self.weight.dtype == dlogits.dtype:
-                self.weight.addmm_(dlogits.t(), hidden)  # accumulated inside the matmul: no V x H temporary
-            else:
-                self.weight += dlogits.t() @ hidden
-        if self.want_bias:
-            bias = dlogits.sum(0, dtype=self.sum_dtype)
-            self.bias = bias if self.bias is None else self.bias.add_(bias)
-
-    def result(self):
-        projection = self.projection
-
-        def final(grad, like):
-            return like.new_empty(0) if grad is None else grad.to(like.dtype)
-
-        bias_like = projection.bias if projection.bias is not None else projection.weight
-        return (final(self.hidden, projection.hidden), final(self.weight, projection.weight),
-                final(self.bias, bias_like))
-
-
-def _run_chunks(backend, projection, chunks, on_chunk, *, want_sum=False, want_entropy=False, saved_lse=None,
-                want_grads=(False, False, False)):
-    """Walk `chunks`; per chunk compute the logits and their row statistics (or take lse from `saved_lse`),
-    ask on_chunk(index, ranges, labels, lse, target, sum_z, entropy) for the coefficients (a, b, c, d) of the
-    chunk's logit gradient, or None, and accumulate the wanted gradients. Returns (grad_hidden, grad_weight,
-    grad_bias), empty where not wanted."""
-    softmax_kernels = kernels(backend, SOFTMAX)
-    hidden_all, weight, bias, labels_all, inv_temperature, ignore_index = projection
-    grads = _GradientSums(projection, want_grads)
-    # One logits buffer for every chunk: a fresh 128 MiB tensor costs ~50 ms of page faults on the CPU
-    # (measured: 60 ms to allocate and fill, 10 ms to refill), as much as the softmax kernels themselves.
-    most_rows = max(sum(end - start for start, end in ranges) for ranges in chunks)
-    logits_buffer = hidden_all.new_empty(most_rows, weight.shape[0])
-    for index, ranges in enumerate(chunks):
-        hidden, labels = _rows(hidden_all, ranges), _rows(labels_all, ranges)
-        logits = logits_buffer[:hidden.shape[0]]
-        if bias is None:
-            torch.mm(hidden, weight.t(), out=logits)
-        else:
-            torch.addmm(bias, hidden, weight.t(), out=logits)
-        if saved_lse is None:
-            stats = softmax_kernels.logit_stats_forward(logits, labels, inv_temperature, ignore_index, want_sum,
-                                                        want_entropy)
-        else:
-            stats = (_rows(saved_lse, ranges), None, None, None)
-        coefficients = on_chunk(index, ranges, labels, *stats)
-        if coefficients is None or not grads.wanted:
-            continue
-        dlogits = softmax_kernels.logit_stats_backward(logits, labels, stats[0], *coefficients, inv_temperature)
-        grads.add(ranges, hidden, dlogits)
-        del dlogits  # before the next chunk's: at most two chunks of logits are alive at once
-    return grads.result()
-
-
 def _flatten(hidden, labels):
     """(..., H) hidden and (...) labels -> contiguous (N, H) rows and (N,) int64 labels."""
     return hidden.reshape(-1, hidden.shape[-1]).contiguous(), labels.reshape(-1).to(torch.int64).contiguous()
+
+
+def _projection(hidden, weight, bias, compute_dtype, labels, inv_temperature, ignore_index):
+    """The driver's Projection; compute_dtype None: the matmuls run in hidden's dtype."""
+    return Projection(hidden, weight, bias, labels, inv_temperature, ignore_index, compute_dtype or hidden.dtype)
 
 
 def _wanted_grads(hidden, weight, bias):
@@ -260,8 +116,8 @@ def _wanted_grads(hidden, weight, bias):
 # ---------------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fastllm::linear_logit_stats", mutates_args=())
 def _linear_logit_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                        labels: torch.Tensor, inv_temperature: float, ignore_index: int, want_sum: bool,
-                        want_entropy: bool, chunk_size: int, backend: str
+                        compute_dtype: Optional[torch.dtype], labels: torch.Tensor, inv_temperature: float,
+                        ignore_index: int, want_sum: bool, want_entropy: bool, chunk_size: int, backend: str
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_label_range(labels, weight.shape[0], ignore_index)  # inside the op: data-dependent, one graph node
     rows = hidden.shape[0]
@@ -273,16 +129,16 @@ def _linear_logit_stats(hidden: torch.Tensor, weight: torch.Tensor, bias: Option
     def store(index, ranges, chunk_labels, *stats):
         for out, value in zip(outputs, stats):
             if out.numel():
-                _put_rows(out, ranges, value)
+                put_rows(out, ranges, value)
 
-    projection = _Projection(hidden, weight, bias, labels, inv_temperature, ignore_index)
-    _run_chunks(backend, projection, _row_chunks(rows, chunk_size), store, want_sum=want_sum,
-                want_entropy=want_entropy)
+    projection = _projection(hidden, weight, bias, compute_dtype, labels, inv_temperature, ignore_index)
+    run_chunks(backend, projection, row_chunks(rows, chunk_size), store, want_sum=want_sum, want_entropy=want_entropy)
     return outputs
 
 
 @_linear_logit_stats.register_fake
-def _(hidden, weight, bias, labels, inv_temperature, ignore_index, want_sum, want_entropy, chunk_size, backend):
+def _(hidden, weight, bias, compute_dtype, labels, inv_temperature, ignore_index, want_sum, want_entropy, chunk_size,
+      backend):
     rows = hidden.shape[0]
     stat = lambda wanted: hidden.new_empty((rows if wanted else 0,), dtype=torch.float32)  # noqa: E731
     return hidden.new_empty((rows,), dtype=torch.float64), stat(True), stat(want_sum), stat(want_entropy)
@@ -290,18 +146,19 @@ def _(hidden, weight, bias, labels, inv_temperature, ignore_index, want_sum, wan
 
 @torch.library.custom_op("fastllm::linear_logit_stats_backward", mutates_args=())
 def _linear_logit_stats_backward(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                                 labels: torch.Tensor, lse: torch.Tensor, a: torch.Tensor, b: Optional[torch.Tensor],
-                                 c: Optional[torch.Tensor], d: Optional[torch.Tensor], inv_temperature: float,
+                                 compute_dtype: Optional[torch.dtype], labels: torch.Tensor, lse: torch.Tensor,
+                                 a: torch.Tensor, b: Optional[torch.Tensor], c: Optional[torch.Tensor],
+                                 d: Optional[torch.Tensor], inv_temperature: float,
                                  chunk_size: int, want_grads: list[bool], backend: str
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     coefficients = (a, b, c, d)
 
     def sliced(index, ranges, chunk_labels, *stats):
-        return tuple(None if t is None else _rows(t, ranges) for t in coefficients)
+        return tuple(None if t is None else rows_of(t, ranges) for t in coefficients)
 
-    projection = _Projection(hidden, weight, bias, labels, inv_temperature, -1)  # ignored rows have c = 0
-    return _run_chunks(backend, projection, _row_chunks(hidden.shape[0], chunk_size), sliced, saved_lse=lse,
-                       want_grads=want_grads)
+    projection = _projection(hidden, weight, bias, compute_dtype, labels, inv_temperature, -1)  # ignored: c = 0
+    return run_chunks(backend, projection, row_chunks(hidden.shape[0], chunk_size), sliced, saved_lse=lse,
+                      want_grads=want_grads)
 
 
 def _gradient_fakes(hidden, weight, bias, want_grads):
@@ -313,13 +170,14 @@ def _gradient_fakes(hidden, weight, bias, want_grads):
 
 
 @_linear_logit_stats_backward.register_fake
-def _(hidden, weight, bias, labels, lse, a, b, c, d, inv_temperature, chunk_size, want_grads, backend):
+def _(hidden, weight, bias, compute_dtype, labels, lse, a, b, c, d, inv_temperature, chunk_size, want_grads,
+      backend):
     return _gradient_fakes(hidden, weight, bias, want_grads)
 
 
 def _linear_logit_stats_setup(ctx, inputs, output):
-    (hidden, weight, bias, labels, ctx.inv_temperature, ctx.ignore_index, ctx.want_sum, ctx.want_entropy,
-     ctx.chunk_size, ctx.backend) = inputs
+    (hidden, weight, bias, ctx.compute_dtype, labels, ctx.inv_temperature, ctx.ignore_index, ctx.want_sum,
+     ctx.want_entropy, ctx.chunk_size, ctx.backend) = inputs
     lse, _, _, entropy = output
     ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
 
@@ -329,9 +187,9 @@ def _linear_logit_stats_grad(ctx, g_lse, g_target, g_sum, g_entropy):
     a, b, c, d = stat_gradient_coefficients(labels, ctx.ignore_index, entropy, g_lse, g_target,
                                             g_sum if ctx.want_sum else None, g_entropy if ctx.want_entropy else None)
     want = [bool(w) for w in ctx.needs_input_grad[:3]]
-    grads = _linear_logit_stats_backward(hidden, weight, bias, labels, lse, a, b, c, d, ctx.inv_temperature,
-                                         ctx.chunk_size, want, ctx.backend)
-    return tuple(g if w else None for g, w in zip(grads, want)) + (None,) * 7
+    grads = _linear_logit_stats_backward(hidden, weight, bias, ctx.compute_dtype, labels, lse, a, b, c, d,
+                                         ctx.inv_temperature, ctx.chunk_size, want, ctx.backend)
+    return tuple(g if w else None for g, w in zip(grads, want)) + (None,) * 8
 
 
 _linear_logit_stats.register_autograd(_linear_logit_stats_grad, setup_context=_linear_logit_stats_setup)
@@ -353,7 +211,7 @@ class _CrossEntropyHead:
     want_entropy = False
 
     def __init__(self, rows, most, labels, ignore_index, label_smoothing, vocab, mean):
-        self.chunks = _row_chunks(rows, most)
+        self.chunks = row_chunks(rows, most)
         self.ignore_index, self.smoothing, self.vocab = ignore_index, label_smoothing, vocab
         self.want_sum = label_smoothing > 0
         count = (labels != ignore_index).sum(dtype=torch.float32)
@@ -387,9 +245,9 @@ class _PolicyHead:
                  ratio_level):
         self.sequences = None
         if cu_seqlens is None:
-            self.chunks = _row_chunks(rows, most)
+            self.chunks = row_chunks(rows, most)
         else:
-            self.chunks = _sequence_chunks(cu_seqlens.tolist(), most)
+            self.chunks = sequence_chunks(cu_seqlens.tolist(), most)
             self.sequences = rl.Sequences.from_cu_seqlens(cu_seqlens, rows)
         self.old_logprobs, self.advantages, self.ref_logprobs = old_logprobs, advantages, ref_logprobs
         self.mask = torch.where(labels != ignore_index, mask, 0.0)  # an ignored label is no token of the loss
@@ -405,15 +263,15 @@ class _PolicyHead:
     def _chunk_sequences(self, ranges):
         if self.sequences is None:
             return None
-        ids = _rows(self.sequences.ids, ranges)
+        ids = rows_of(self.sequences.ids, ranges)
         first = int(ids[0]) if ids.numel() else 0
         return rl.Sequences(ids - first, int(ids[-1]) - first + 1 if ids.numel() else 0)
 
     def __call__(self, index, ranges, labels, lse, target, sum_z, entropy):
-        mask, weights = _rows(self.mask, ranges), _rows(self.weights, ranges)
+        mask, weights = rows_of(self.mask, ranges), rows_of(self.weights, ranges)
         logprobs = torch.where(labels != self.ignore_index, (target - lse).float(), 0.0)
-        ref_logprobs = None if self.ref_logprobs is None else _rows(self.ref_logprobs, ranges)
-        terms = rl.policy_terms(logprobs, _rows(self.old_logprobs, ranges), _rows(self.advantages, ranges),
+        ref_logprobs = None if self.ref_logprobs is None else rows_of(self.ref_logprobs, ranges)
+        terms = rl.policy_terms(logprobs, rows_of(self.old_logprobs, ranges), rows_of(self.advantages, ranges),
                                 entropy=entropy, ref_logprobs=ref_logprobs, mask=mask,
                                 sequences=self._chunk_sequences(ranges), weights=weights, with_derivative=True,
                                 **self.policy)
@@ -438,7 +296,7 @@ class _PreferenceHead:
                  label_smoothing):
         pairs = ref_chosen.shape[0]
         self.lengths = (chosen_length, (labels.shape[0] - pairs * chosen_length) // pairs)
-        self.pair_ranges = _even_ranges(pairs, max(1, most // sum(self.lengths)))
+        self.pair_ranges = even_ranges(pairs, max(1, most // sum(self.lengths)))
         rejected_start = pairs * chosen_length
         chosen_length, rejected_length = self.lengths
         self.chunks = [((first * chosen_length, last * chosen_length),
@@ -477,7 +335,7 @@ class _PreferenceHead:
 
 def _one_pass(backend, projection, head, want_grads):
     """Run a scalar-loss head over its chunks: (loss, stats, grad_hidden, grad_weight, grad_bias)."""
-    grads = _run_chunks(backend, projection, head.chunks, head, want_sum=head.want_sum,
+    grads = run_chunks(backend, projection, head.chunks, head, want_sum=head.want_sum,
                         want_entropy=head.want_entropy, want_grads=want_grads)
     return (*head.result(), *grads)
 
@@ -501,23 +359,26 @@ def _one_pass_grad(ctx, grad_loss, *unused):
 
 @torch.library.custom_op("fastllm::linear_cross_entropy", mutates_args=())
 def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                          labels: torch.Tensor, ignore_index: int, label_smoothing: float, mean: bool,
-                          chunk_size: int, want_grads: list[bool], backend: str
+                          compute_dtype: Optional[torch.dtype], labels: torch.Tensor, ignore_index: int,
+                          label_smoothing: float, mean: bool, chunk_size: int, want_grads: list[bool], backend: str
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     vocab = weight.shape[0]
     check_label_range(labels, vocab, ignore_index)
     head = _CrossEntropyHead(hidden.shape[0], chunk_size, labels, ignore_index, label_smoothing, vocab, mean)
-    return _one_pass(backend, _Projection(hidden, weight, bias, labels, 1.0, ignore_index), head, want_grads)
+    projection = _projection(hidden, weight, bias, compute_dtype, labels, 1.0, ignore_index)
+    return _one_pass(backend, projection, head, want_grads)
 
 
 @_linear_cross_entropy.register_fake
-def _(hidden, weight, bias, labels, ignore_index, label_smoothing, mean, chunk_size, want_grads, backend):
+def _(hidden, weight, bias, compute_dtype, labels, ignore_index, label_smoothing, mean, chunk_size, want_grads,
+      backend):
     return _one_pass_fake(hidden, weight, bias, want_grads, 0)
 
 
 @torch.library.custom_op("fastllm::linear_ppo_loss", mutates_args=())
-def _linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-                     old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+def _linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     compute_dtype: Optional[torch.dtype], labels: torch.Tensor, old_logprobs: torch.Tensor,
+                     advantages: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
                      ref_logprobs: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor], inv_temperature: float,
                      ignore_index: int, clip_low: float, clip_high: float, dual_clip: Optional[float], kl_coef: float,
                      kl_estimator: str, kl_clamp: Optional[float], entropy_coef: float, ratio_level: str,
@@ -527,31 +388,32 @@ def _linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[
     head = _PolicyHead(hidden.shape[0], chunk_size, labels, old_logprobs, advantages, mask, weights, ref_logprobs,
                        cu_seqlens, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, kl_clamp,
                        entropy_coef, ratio_level)
-    projection = _Projection(hidden, weight, bias, labels, inv_temperature, ignore_index)
+    projection = _projection(hidden, weight, bias, compute_dtype, labels, inv_temperature, ignore_index)
     return _one_pass(backend, projection, head, want_grads)
 
 
 @_linear_ppo_loss.register_fake
-def _(hidden, weight, bias, labels, old_logprobs, advantages, mask, weights, ref_logprobs, cu_seqlens, inv_temperature,
-      ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, kl_clamp, entropy_coef, ratio_level,
-      chunk_size, want_grads, backend):
+def _(hidden, weight, bias, compute_dtype, labels, old_logprobs, advantages, mask, weights, ref_logprobs, cu_seqlens,
+      inv_temperature, ignore_index, clip_low, clip_high, dual_clip, kl_coef, kl_estimator, kl_clamp, entropy_coef,
+      ratio_level, chunk_size, want_grads, backend):
     return _one_pass_fake(hidden, weight, bias, want_grads, _PolicyHead.n_sums - 1)
 
 
 @torch.library.custom_op("fastllm::linear_dpo_loss", mutates_args=())
-def _linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], labels: torch.Tensor,
-                     ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, chosen_length: int,
-                     beta: float, loss_type: str, label_smoothing: float, ignore_index: int, chunk_size: int,
-                     want_grads: list[bool], backend: str
+def _linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     compute_dtype: Optional[torch.dtype], labels: torch.Tensor, ref_chosen_logps: torch.Tensor,
+                     ref_rejected_logps: torch.Tensor, chosen_length: int, beta: float, loss_type: str,
+                     label_smoothing: float, ignore_index: int, chunk_size: int, want_grads: list[bool], backend: str
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     check_label_range(labels, weight.shape[0], ignore_index)
     head = _PreferenceHead(chunk_size, labels, ref_chosen_logps, ref_rejected_logps, chosen_length, ignore_index,
                            beta, loss_type, label_smoothing)
-    return _one_pass(backend, _Projection(hidden, weight, bias, labels, 1.0, ignore_index), head, want_grads)
+    projection = _projection(hidden, weight, bias, compute_dtype, labels, 1.0, ignore_index)
+    return _one_pass(backend, projection, head, want_grads)
 
 
 @_linear_dpo_loss.register_fake
-def _(hidden, weight, bias, labels, ref_chosen_logps, ref_rejected_logps, chosen_length, beta, loss_type,
+def _(hidden, weight, bias, compute_dtype, labels, ref_chosen_logps, ref_rejected_logps, chosen_length, beta, loss_type,
       label_smoothing, ignore_index, chunk_size, want_grads, backend):
     return _one_pass_fake(hidden, weight, bias, want_grads, 2 * ref_chosen_logps.shape[0])
 
@@ -560,11 +422,12 @@ for _op in (_linear_cross_entropy, _linear_ppo_loss, _linear_dpo_loss):
     _op.register_autograd(_one_pass_grad, setup_context=_one_pass_setup)
 
 
-# Under torch.autocast the head's matmul runs as F.linear does: hidden, weight and bias in the autocast dtype (its
-# lower_precision_fp policy, on CPU and CUDA); log-probs and losses stay fp32, as cross_entropy's are. The ops run
-# with autocast off, so the gradient matmuls they do in the forward keep those dtypes too.
-def _autocast_projection(device_type, op, hidden, weight, bias, *rest):
-    return op(*autocast_cast(LOWER, device_type, hidden, weight, bias), *rest)
+# Under torch.autocast the head's matmuls run as F.linear's do, in the autocast dtype (its lower_precision_fp
+# policy, on CPU and CUDA), and log-probs and losses stay fp32, as cross_entropy's are. The rule only sets the
+# op's compute_dtype: hidden, weight and bias go in uncast, so each gradient comes out in its input's dtype
+# (an fp32 master weight's summed in fp32, never held in bf16; see _chunked_head).
+def _autocast_projection(device_type, op, hidden, weight, bias, compute_dtype, *rest):
+    return op(hidden, weight, bias, autocast_dtype(LOWER, device_type, hidden), *rest)
 
 
 for _name in ("linear_logit_stats", "linear_cross_entropy", "linear_ppo_loss", "linear_dpo_loss"):
@@ -586,22 +449,27 @@ def _check_labels(name, labels, shape):
 
 
 def _check_projection(hidden, weight, bias, chunk_size, hidden_name="hidden"):
+    """Check the head's operands; return the dtype its matmuls run in: the inputs' own, or under torch.autocast
+    the one F.linear would cast all three to (the tensors themselves go to the op uncast)."""
     check_tensor(hidden_name, hidden, min_dim=1)
     check_tensor("weight", weight)
+    if bias is not None:
+        check_tensor("bias", bias)
     if weight.dim() != 2 or weight.shape[0] == 0 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must have shape (vocab >= 1, {hidden.shape[-1]}) to project {hidden_name} of "
                          f"shape {tuple(hidden.shape)}, got {tuple(weight.shape)}")
+    device_type = autocast_device(hidden)
+    compute_dtype = autocast_dtype(LOWER, device_type, hidden)
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.dtype != hidden.dtype:
-            raise TypeError(f"{name} must have {hidden_name}'s dtype {str(hidden.dtype).removeprefix('torch.')}, "
-                            f"got {str(t.dtype).removeprefix('torch.')}")
-    if bias is not None:
-        check_tensor("bias", bias)
-        if bias.shape != weight.shape[:1]:
-            raise ValueError(f"bias must have shape ({weight.shape[0]},) (weight's vocabulary), "
-                             f"got {tuple(bias.shape)}")
+        if t is not None and autocast_dtype(LOWER, device_type, t) != compute_dtype:
+            cast = " (as torch.autocast casts them)" if device_type is not None else ""
+            raise TypeError(f"{name} must have {hidden_name}'s dtype {str(compute_dtype).removeprefix('torch.')}"
+                            f"{cast}, got {str(t.dtype).removeprefix('torch.')}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must have shape ({weight.shape[0]},) (weight's vocabulary), got {tuple(bias.shape)}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int (token rows per chunk) or None, got {chunk_size!r}")
+    return compute_dtype
 
 
 def _check_per_token(labels, **tensors):
@@ -627,18 +495,17 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     recomputes each chunk's logits (see the module docstring). chunk_size: token rows per chunk (default: a
     chunk of logits of at most CHUNK_BYTES).
     """
-    hidden, weight, bias = autocast_cast(LOWER, autocast_device(hidden), hidden, weight, bias)
-    _check_projection(hidden, weight, bias, chunk_size)
+    dtype = _check_projection(hidden, weight, bias, chunk_size)
     _check_labels("labels", labels, hidden.shape[:-1])
     check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     check_positive("temperature", temperature)
-    backend = resolve(hidden)
+    backend = resolve(hidden, dtype)
     if backend == "torch":
         return reference.linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index, return_entropy)
     rows, flat_labels = _flatten(hidden, labels)
-    lse, target, _, entropy = _linear_logit_stats(rows, weight, bias, flat_labels, 1.0 / temperature, ignore_index,
-                                                  False, return_entropy,
-                                                  chunk_rows(weight.shape[0], hidden.dtype, chunk_size), backend)
+    lse, target, _, entropy = _linear_logit_stats(rows, weight, bias, dtype, flat_labels, 1.0 / temperature,
+                                                  ignore_index, False, return_entropy,
+                                                  chunk_rows(weight.shape[0], dtype, chunk_size), backend)
     logprobs = torch.where(flat_labels != ignore_index, (target - lse).float(), 0.0).reshape(labels.shape)
     return (logprobs, entropy.reshape(labels.shape)) if return_entropy else logprobs
 
@@ -652,26 +519,25 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     all are ignored, as in PyTorch) and "sum", computed with its gradient in one pass; (...) for "none" (0 at
     ignored tokens), whose backward recomputes the logits. label_smoothing mixes in the uniform distribution.
     """
-    hidden, weight, bias = autocast_cast(LOWER, autocast_device(hidden), hidden, weight, bias)
-    _check_projection(hidden, weight, bias, chunk_size)
+    dtype = _check_projection(hidden, weight, bias, chunk_size)
     _check_labels("labels", labels, hidden.shape[:-1])
     check_same_device(hidden=hidden, weight=weight, bias=bias, labels=labels)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    backend = resolve(hidden)
+    backend = resolve(hidden, dtype)
     if backend == "torch":
         return reference.linear_cross_entropy(hidden, weight, labels, bias, ignore_index, reduction, label_smoothing)
     rows, flat_labels = _flatten(hidden, labels)
-    most = chunk_rows(weight.shape[0], hidden.dtype, chunk_size)
+    most = chunk_rows(weight.shape[0], dtype, chunk_size)
     if reduction == "none":
         smoothing = label_smoothing > 0
-        lse, target, sum_z, _ = _linear_logit_stats(rows, weight, bias, flat_labels, 1.0, ignore_index, smoothing,
-                                                    False, most, backend)
+        lse, target, sum_z, _ = _linear_logit_stats(rows, weight, bias, dtype, flat_labels, 1.0, ignore_index,
+                                                    smoothing, False, most, backend)
         loss = _cross_entropy_rows(lse, target, sum_z, label_smoothing, weight.shape[0])
         return torch.where(flat_labels != ignore_index, loss, 0.0).reshape(labels.shape)
-    loss, *_ = _linear_cross_entropy(rows, weight, bias, flat_labels, ignore_index, float(label_smoothing),
+    loss, *_ = _linear_cross_entropy(rows, weight, bias, dtype, flat_labels, ignore_index, float(label_smoothing),
                                      reduction == "mean", most, _wanted_grads(hidden, weight, bias), backend)
     return loss
 
@@ -698,8 +564,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     sequences (one sequence longer than chunk_size is one chunk). Returns rl.PolicyLoss with every statistic
     (entropy always; ref_kl when ref_logprobs is given). Gradients flow to hidden, weight and bias.
     """
-    hidden, weight, bias = autocast_cast(LOWER, autocast_device(hidden), hidden, weight, bias)
-    _check_projection(hidden, weight, bias, chunk_size)
+    dtype = _check_projection(hidden, weight, bias, chunk_size)
     _check_labels("labels", labels, hidden.shape[:-1])
     _check_per_token(labels, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
     rl.check_mask(mask, labels, "labels")
@@ -710,7 +575,7 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     check_positive("temperature", temperature)
     sequences, normalizer = rl.loss_sequences(labels.shape, cu_seqlens, loss_agg, ratio_level, normalizer,
                                               labels.device, "labels")
-    backend = resolve(hidden)
+    backend = resolve(hidden, dtype)
     if backend == "torch":
         return reference.linear_ppo_loss(hidden, weight, labels, old_logprobs, advantages, mask, bias, ref_logprobs,
                                          kl_coef, entropy_coef, clip_eps, clip_eps_high, dual_clip, temperature,
@@ -722,12 +587,12 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if sequences is not None and cu_seqlens is None:  # the rows of 2-D labels
         cu_seqlens = torch.arange(labels.shape[0] + 1, device=labels.device) * labels.shape[1]
     loss, stats, *_ = _linear_ppo_loss(
-        rows, weight, bias, flat_labels, _fp32_rows(old_logprobs), _fp32_rows(advantages), flat_mask, weights,
+        rows, weight, bias, dtype, flat_labels, _fp32_rows(old_logprobs), _fp32_rows(advantages), flat_mask, weights,
         _fp32_rows(ref_logprobs), None if sequences is None else cu_seqlens.to(torch.int64), 1.0 / temperature,
         ignore_index, float(clip_eps), float(clip_eps if clip_eps_high is None else clip_eps_high),
         None if dual_clip is None else float(dual_clip), float(kl_coef), kl_estimator,
         None if kl_clamp is None else float(kl_clamp), float(entropy_coef), ratio_level,
-        chunk_rows(weight.shape[0], hidden.dtype, chunk_size), _wanted_grads(hidden, weight, bias), backend)
+        chunk_rows(weight.shape[0], dtype, chunk_size), _wanted_grads(hidden, weight, bias), backend)
     clip_fraction, approx_kl, ratio_mean, entropy, ref_kl, low, high = stats.unbind(0)
     return rl.PolicyLoss(loss, clip_fraction, approx_kl, ratio_mean, entropy,
                          ref_kl if ref_logprobs is not None else None, low, high)
@@ -746,10 +611,8 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
     log-probs. A chunk is a run of whole pairs (chunk_size: token rows, rounded down to whole pairs, at least
     one). Returns rl.PreferenceLoss; gradients flow to both hidden tensors, weight and bias.
     """
-    chosen_hidden, rejected_hidden, weight, bias = autocast_cast(LOWER, autocast_device(chosen_hidden), chosen_hidden,
-                                                                 rejected_hidden, weight, bias)
-    _check_projection(chosen_hidden, weight, bias, chunk_size, "chosen_hidden")
-    _check_projection(rejected_hidden, weight, bias, chunk_size, "rejected_hidden")
+    dtype = _check_projection(chosen_hidden, weight, bias, chunk_size, "chosen_hidden")
+    _check_projection(rejected_hidden, weight, bias, chunk_size, "rejected_hidden")  # the same dtype, as weight's
     for name, hidden in (("chosen_hidden", chosen_hidden), ("rejected_hidden", rejected_hidden)):
         if hidden.dim() != 3 or hidden.shape[0] == 0 or hidden.shape[1] == 0:
             raise ValueError(f"{name} must be 3-D (pairs >= 1, tokens >= 1, hidden), got {tuple(hidden.shape)}")
@@ -767,7 +630,7 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
                       chosen_labels=chosen_labels, rejected_labels=rejected_labels, ref_chosen_logps=ref_chosen_logps,
                       ref_rejected_logps=ref_rejected_logps)
     rl.check_preference_args(beta, loss_type, label_smoothing)
-    backend = resolve(chosen_hidden)
+    backend = resolve(chosen_hidden, dtype)
     if backend == "torch":
         return reference.linear_dpo_loss(chosen_hidden, rejected_hidden, weight, chosen_labels, rejected_labels,
                                          ref_chosen_logps, ref_rejected_logps, bias, beta, loss_type,
@@ -780,7 +643,7 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
     want_grads = _wanted_grads(chosen_hidden, weight, bias)
     want_grads[0] = want_grads[0] or (torch.is_grad_enabled() and rejected_hidden.requires_grad)
     loss, rewards, *_ = _linear_dpo_loss(
-        hidden, weight, bias, labels, _fp32_rows(ref_chosen_logps), _fp32_rows(ref_rejected_logps),
+        hidden, weight, bias, dtype, labels, _fp32_rows(ref_chosen_logps), _fp32_rows(ref_rejected_logps),
         chosen_hidden.shape[1], float(beta), loss_type, float(label_smoothing), ignore_index,
-        chunk_rows(weight.shape[0], hidden.dtype, chunk_size), want_grads, backend)
+        chunk_rows(weight.shape[0], dtype, chunk_size), want_grads, backend)
     return rl.PreferenceLoss(loss, rewards[:pairs], rewards[pairs:])

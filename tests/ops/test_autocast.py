@@ -102,6 +102,11 @@ CASES = {
     "linear_cross_entropy": (lambda h, w, b: ops.linear_cross_entropy(h, w, L(h), b),
                              lambda h, w, b: F.cross_entropy(F.linear(h, w, b).flatten(0, 1), L(h).flatten()),
                              [(5, 7, 24), (37, 24), (37,)], (0, 1, 2)),
+    # hidden from a matmul under autocast (half), fp32 master weight and bias: gradients in each input's dtype
+    "linear_cross_entropy_half_hidden": (lambda h, w, b: ops.linear_cross_entropy(h, w, L(h), b),
+                                         lambda h, w, b: F.cross_entropy(F.linear(h, w, b).flatten(0, 1),
+                                                                         L(h).flatten()),
+                                         [(HALF, 5, 7, 24), (37, 24), (37,)], (0, 1, 2)),
     "linear_ppo_loss": (
         lambda h, w: ops.linear_ppo_loss(h, w, L(h), *_ppo_extra(h), entropy_coef=0.01),
         lambda h, w: fused_linear.reference.linear_ppo_loss(h, w, L(h), *_ppo_extra(h), entropy_coef=0.01),
@@ -224,8 +229,9 @@ def _cross_entropy_op(logits):
 
 def _linear_cross_entropy_op(hidden, weight):
     chunk = fused_linear.chunk_rows(weight.shape[0], torch.bfloat16)  # the public op's, for the same bits
-    loss, *_ = torch.ops.fastllm.linear_cross_entropy(hidden, weight, None, L(hidden).flatten(), -100, 0.0, True,
-                                                      chunk, [True, True, False], "cpp")
+    # compute dtype None: the op's autocast rule sets it
+    loss, *_ = torch.ops.fastllm.linear_cross_entropy(hidden, weight, None, None, L(hidden).flatten(), -100, 0.0,
+                                                      True, chunk, [True, True, False], "cpp")
     return loss
 
 

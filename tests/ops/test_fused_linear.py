@@ -6,7 +6,7 @@ from numerics import (BACKEND_DEVICES, DTYPES, KERNEL_BACKEND_DEVICES, assert_ma
                       on_backend)
 
 from fastllm import ops
-from fastllm.ops import fused_linear, rl
+from fastllm.ops import _chunked_head, fused_linear, rl
 from fastllm.ops.fused_linear import reference
 
 IGNORE = -100
@@ -165,9 +165,9 @@ def test_ppo_modes_match_float64(loss_agg, ratio_level, backend, device, layout)
 
 
 def test_sequence_chunks_hold_whole_sequences():
-    assert fused_linear._sequence_chunks([0, 4, 5, 5, 11, 14], 5) == [((0, 5),), ((5, 11),), ((11, 14),)]
-    assert fused_linear._sequence_chunks([0, 2, 4, 6], 100) == [((0, 6),)]
-    assert fused_linear._sequence_chunks([0, 0], 3) == [((0, 0),)]
+    assert _chunked_head.sequence_chunks([0, 4, 5, 5, 11, 14], 5) == [((0, 5),), ((5, 11),), ((11, 14),)]
+    assert _chunked_head.sequence_chunks([0, 2, 4, 6], 100) == [((0, 6),)]
+    assert _chunked_head.sequence_chunks([0, 0], 3) == [((0, 0),)]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def test_automatic_chunk_size():
     most = fused_linear.chunk_rows(50257, torch.float32)
     assert most * 50257 * 4 <= fused_linear.CHUNK_BYTES < (most + 1) * 50257 * 4
     assert fused_linear.chunk_rows(50257, torch.float32, chunk_size=7) == 7
-    sizes = {end - start for start, end in fused_linear._even_ranges(8192, most)}
+    sizes = {end - start for start, end in _chunked_head.even_ranges(8192, most)}
     assert max(sizes) <= most and max(sizes) - min(sizes) <= 1
 
 
@@ -407,17 +407,21 @@ def _opcheck_samples(device):
     mask = torch.ones(6, device=device)
     grads = [True, True, True]
     return [
-        (torch.ops.fastllm.linear_logit_stats.default, (h, w, b, labels, 0.8, IGNORE, True, True, 4)),
+        (torch.ops.fastllm.linear_logit_stats.default, (h, w, b, None, labels, 0.8, IGNORE, True, True, 4)),
         (torch.ops.fastllm.linear_logit_stats_backward.default,
-         (hidden, weight, bias, labels, lse, *vectors, 1.0, 4, grads)),
-        (torch.ops.fastllm.linear_cross_entropy.default, (h, w, b, labels, IGNORE, 0.1, True, 4, grads)),
-        (torch.ops.fastllm.linear_ppo_loss.default, (h, w, None, labels, vectors[0] - 3, vectors[1], mask,
+         (hidden, weight, bias, None, labels, lse, *vectors, 1.0, 4, grads)),
+        (torch.ops.fastllm.linear_cross_entropy.default, (h, w, b, None, labels, IGNORE, 0.1, True, 4, grads)),
+        # fp32 operands, bf16 matmuls (autocast's compute dtype): fp32 gradients
+        (torch.ops.fastllm.linear_cross_entropy.default, (h, w, b, torch.bfloat16, labels, IGNORE, 0.0, True, 4,
+                                                          grads)),
+        (torch.ops.fastllm.linear_logit_stats.default, (h, w, b, torch.bfloat16, labels, 1.0, IGNORE, False, True, 4)),
+        (torch.ops.fastllm.linear_ppo_loss.default, (h, w, None, None, labels, vectors[0] - 3, vectors[1], mask,
                                                      mask / 6, vectors[2] - 3, None, 1.0, IGNORE, 0.2, 0.2, 3.0,
                                                      0.1, "k3", None, 0.01, "token", 4, [True, True, False])),
-        (torch.ops.fastllm.linear_ppo_loss.default, (h, w, None, labels, vectors[0] - 3, vectors[1], mask,
+        (torch.ops.fastllm.linear_ppo_loss.default, (h, w, None, None, labels, vectors[0] - 3, vectors[1], mask,
                                                      mask / 2, None, torch.tensor([0, 2, 6]), 1.0, IGNORE, 0.2,
                                                      0.28, None, 0.0, "k2", 10.0, 0.0, "sequence", 3, grads)),
-        (torch.ops.fastllm.linear_dpo_loss.default, (h, w, b, labels, vectors[0, :2], vectors[1, :2], 2, 0.1,
+        (torch.ops.fastllm.linear_dpo_loss.default, (h, w, b, None, labels, vectors[0, :2], vectors[1, :2], 2, 0.1,
                                                      "sigmoid", 0.0, IGNORE, 4, grads)),
     ]
 
