@@ -12,7 +12,7 @@ packages = ["fastllm", "fastllm.ops", "fastllm.nn", "fastllm.model", "fastllm.da
             "fastllm.demo",
             "fastllm.integrations", "fastllm.kernels", "fastllm.csrc"]
 package_dir = {"fastllm.kernels": "kernels", "fastllm.csrc": "csrc"}
-package_data = {"fastllm.csrc": ["*.h", "*.cpp", "cpu/*.cpp", "cuda/*.cu"]}
+package_data = {"fastllm.csrc": ["*.h", "*.cpp", "cpu/*.h", "cpu/*.cpp", "cuda/*.cu"]}
 ext_modules, cmdclass = [], {}
 
 if os.environ.get("FASTLLM_BUILD_EXT") == "1":

@@ -1,0 +1,289 @@
+// Shared parts of the CPU flash attention (attention.cpp: overview, sequence geometry and checks;
+// attention_forward.cpp: forward and decode; attention_backward.cpp: backward): tile sizes, the register-blocked
+// tile GEMM, elementwise helpers on padded rows, which keys each query sees, and the task scheduler.
+#pragma once
+#include "fastllm.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <numeric>
+#include <vector>
+
+namespace fastllm {
+namespace attention_cpu {
+
+using at::vec::Vectorized;
+
+// Tile sizes. A 64 x 64 fp32 tile is 16 KiB, so a forward task's working set (Q, O, S and one tile each of
+// K^T and V at D = 64) is 80 KiB: L2, with the GEMM panels in L1.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 64;
+// Head dims and key tiles are padded with zeros to a multiple of this: whole fp32 (and fp64) vectors, so
+// the GEMM and softmax loops have no ragged tails.
+constexpr int64_t kPad = 16;
+// The tile GEMMs sum their depth in blocks of this many terms, each block from 0, then add the blocks: one
+// chain of fmas over a head dim of 256 made the scores 6x less accurate than PyTorch's sgemm (4.9e-5 vs
+// 8.2e-6 at q, k ~ N(0, 1)) and the fp32 outputs 2.5x; blocks cost one load/add/store of C per 32 fmas.
+constexpr int64_t kDepthBlock = 32;
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+
+inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+inline int64_t ceil_div(int64_t n, int64_t d) { return (n + d - 1) / d; }
+
+// ---------------------------------------------------------------------------------------------------------
+// Tile GEMM: C (+)= A B
+// ---------------------------------------------------------------------------------------------------------
+// A register-blocked micro-kernel: kRows x kCols vectors of C stay in registers while depth steps each
+// broadcast one element of A per row against kCols vectors of one row of B.
+//
+// C[m x n] (+)= A[m x depth] B[depth x n], n a multiple of the vector width. A is read as a[r * lda + k], or
+// a[k * lda + r] when kTransA: P^T dO and dS^T Q read P and dS where they are, with no transposed copy
+// (a broadcast costs the same from either layout).
+template <typename acc_t, int kRows, int kCols, bool kTransA>
+void gemm_micro_tile(int64_t depth, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t* c,
+                     int64_t ldc, bool accumulate) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t kWidth = Vec::size();
+  // Depth in blocks of kDepthBlock (see there), each summed from 0 in registers and then added to C.
+  for (int64_t k0 = 0; k0 < std::max<int64_t>(depth, 1); k0 += kDepthBlock) {
+    const bool first = k0 == 0;
+    Vec acc[kRows][kCols];
+    for (int r = 0; r < kRows; ++r) {
+      for (int j = 0; j < kCols; ++j) {
+        acc[r][j] = first && accumulate ? Vec::loadu(c + r * ldc + j * kWidth) : Vec(acc_t(0));
+      }
+    }
+    for (int64_t k = k0; k < std::min(depth, k0 + kDepthBlock); ++k) {
+      Vec b_row[kCols];
+      for (int j = 0; j < kCols; ++j) b_row[j] = Vec::loadu(b + k * ldb + j * kWidth);
+      for (int r = 0; r < kRows; ++r) {
+        const Vec a_rk(kTransA ? a[k * lda + r] : a[r * lda + k]);
+        for (int j = 0; j < kCols; ++j) acc[r][j] = at::vec::fmadd(a_rk, b_row[j], acc[r][j]);
+      }
+    }
+    for (int r = 0; r < kRows; ++r) {
+      for (int j = 0; j < kCols; ++j) {
+        acc_t* out = c + r * ldc + j * kWidth;
+        (first ? acc[r][j] : Vec::loadu(out) + acc[r][j]).store(out);
+      }
+    }
+  }
+}
+
+// The micro-kernel for a ragged edge: the largest instantiation with at most `rows` rows and `cols` vectors.
+template <typename acc_t, int kRows, int kCols, bool kTransA>
+void gemm_edge_tile(int rows, int cols, int64_t depth, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                    acc_t* c, int64_t ldc, bool accumulate) {
+  if constexpr (kRows > 1) {
+    if (rows < kRows) {
+      return gemm_edge_tile<acc_t, kRows - 1, kCols, kTransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, accumulate);
+    }
+  }
+  if constexpr (kCols > 1) {
+    if (cols < kCols) {
+      return gemm_edge_tile<acc_t, kRows, kCols - 1, kTransA>(rows, cols, depth, a, lda, b, ldb, c, ldc, accumulate);
+    }
+  }
+  gemm_micro_tile<acc_t, kRows, kCols, kTransA>(depth, a, lda, b, ldb, c, ldc, accumulate);
+}
+
+// 4 rows x 4 vectors: 16 accumulators, enough independent FMAs to cover their latency on two FMA ports,
+// with 8 loads per 16 FMAs. (Measured against 8 x 2, 6 x 4 and 8 x 3 in the attention forward+backward.)
+constexpr int kTileRows = 4;
+constexpr int kTileCols = 4;
+
+template <typename acc_t, bool kTransA = false>
+void gemm(int64_t m, int64_t n, int64_t depth, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb, acc_t* c,
+          int64_t ldc, bool accumulate) {
+  constexpr int64_t kWidth = Vectorized<acc_t>::size();
+  const int64_t vectors = n / kWidth;
+  // Column panels outside, rows inside: one panel of B (depth x kTileCols vectors) is reused from L1 by
+  // every row group.
+  for (int64_t v0 = 0; v0 < vectors; v0 += kTileCols) {
+    const int cols = static_cast<int>(std::min<int64_t>(kTileCols, vectors - v0));
+    for (int64_t r0 = 0; r0 < m; r0 += kTileRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, m - r0));
+      const acc_t* a_tile = kTransA ? a + r0 : a + r0 * lda;
+      acc_t* c_tile = c + r0 * ldc + v0 * kWidth;
+      if (rows == kTileRows && cols == kTileCols) {
+        gemm_micro_tile<acc_t, kTileRows, kTileCols, kTransA>(depth, a_tile, lda, b + v0 * kWidth, ldb, c_tile, ldc,
+                                                              accumulate);
+      } else {
+        gemm_edge_tile<acc_t, kTileRows, kTileCols, kTransA>(rows, cols, depth, a_tile, lda, b + v0 * kWidth, ldb,
+                                                             c_tile, ldc, accumulate);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Elementwise helpers on padded rows
+// ---------------------------------------------------------------------------------------------------------
+// exp with NaN kept as NaN. exp_u20 (inline polynomial, ~20 ulp) costs a fraction of Sleef's 1-ulp exp; its
+// error is below that of the fp32 scores it exponentiates. It maps NaN to a finite value; since exp(v) > v
+// for every real v, max(exp(v), v) is exp(v), while the NaN-propagating maximum turns NaN back into NaN.
+// exp(-inf) = 0.
+template <typename acc_t>
+inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& v) {
+  return at::vec::maximum(v.exp_u20(), v);
+}
+
+template <typename acc_t>
+inline acc_t reduce_max(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return at::vec::maximum(x, y); }, v);
+}
+
+template <typename acc_t>
+inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return x + y; }, v);
+}
+
+// dst[r * ld + d] = src[r * src_stride + d] as acc_t for d < dim, 0 for dim <= d < ld: rows of q, k, v or dout
+// (strided by the heads between them) as a padded tile.
+template <typename scalar_t, typename acc_t>
+void load_rows(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim, acc_t* dst, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    at::vec::convert(src + r * src_stride, dst + r * ld, dim);
+    std::fill(dst + r * ld + dim, dst + (r + 1) * ld, acc_t(0));
+  }
+}
+
+// dst[d * ld + r] = src[r * src_stride + d]: the transposed tile (K^T, V^T) the score GEMMs take as B, zero in
+// the padding (d >= dim, or rows <= r < ld).
+template <typename scalar_t, typename acc_t>
+void load_rows_transposed(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim, int64_t padded_dim,
+                          acc_t* dst, int64_t ld) {
+  std::fill(dst, dst + padded_dim * ld, acc_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = src + r * src_stride;
+    for (int64_t d = 0; d < dim; ++d) dst[d * ld + r] = static_cast<acc_t>(row[d]);
+  }
+}
+
+// dst[0, n) = src[0, n) * factor, rounded to scalar_t.
+template <typename scalar_t, typename acc_t>
+void store_row(const acc_t* src, int64_t n, acc_t factor, scalar_t* dst) {
+  using Vec = Vectorized<acc_t>;
+  const Vec f(factor);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    for (; i + Vec::size() <= n; i += Vec::size()) (Vec::loadu(src + i) * f).store(dst + i);
+  }
+  for (; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i] * factor);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Geometry: which keys each query sees
+// ---------------------------------------------------------------------------------------------------------
+// One sequence of a batch: its query rows [q_start, q_start + q_len) and key rows [k_start, k_start + k_len)
+// in the packed (tokens, heads, head_dim) tensors. Queries are aligned to the end of the keys (query i sits
+// at key position i + k_len - q_len), and query i sees key j iff
+//   i + shift - window_left <= j <= i + shift + window_right,   shift = k_len - q_len,
+// a bound of -1 being absent (causal is window_right = 0). Both ends grow with i, so the keys of a run of
+// queries, and the queries of a run of keys, are contiguous ranges.
+struct Sequence {
+  int64_t q_start, q_len, k_start, k_len;
+  int64_t window_left, window_right;
+
+  int64_t shift() const { return k_len - q_len; }
+  // The keys [first_key(i), last_key(i)] of query i (empty when first > last).
+  int64_t first_key(int64_t i) const { return window_left < 0 ? 0 : std::max<int64_t>(0, i + shift() - window_left); }
+  int64_t last_key(int64_t i) const {
+    return window_right < 0 ? k_len - 1 : std::min<int64_t>(k_len - 1, i + shift() + window_right);
+  }
+  // The queries [first_query(j), last_query(j)] that see key j.
+  int64_t first_query(int64_t j) const {
+    return window_right < 0 ? 0 : std::max<int64_t>(0, j - shift() - window_right);
+  }
+  int64_t last_query(int64_t j) const {
+    return window_left < 0 ? q_len - 1 : std::min<int64_t>(q_len - 1, j - shift() + window_left);
+  }
+  // Whether every query row in [i0, i1) sees every key in [j0, j1): no per-element mask needed.
+  bool tile_unmasked(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    return first_key(i1 - 1) <= j0 && last_key(i0) >= j1 - 1;
+  }
+};
+
+// Sets s[r * ld + c] = -inf for the keys j0 + c that query i0 + r cannot see, and for the padding
+// cols <= c < padded_cols, so that exp() makes them exactly 0.
+template <typename acc_t>
+void mask_tile(const Sequence& seq, int64_t i0, int64_t rows, int64_t j0, int64_t cols, int64_t padded_cols,
+               acc_t* s, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t lo = std::clamp<int64_t>(seq.first_key(i0 + r) - j0, 0, cols);
+    const int64_t hi = std::clamp<int64_t>(seq.last_key(i0 + r) - j0 + 1, lo, cols);  // one past the last seen
+    acc_t* row = s + r * ld;
+    std::fill(row, row + lo, -kInf<acc_t>);
+    std::fill(row + hi, row + padded_cols, -kInf<acc_t>);
+  }
+}
+
+// The checked sequence boundaries of one call, from cu_seqlens (packed batches) or from the tensor shapes
+// (dense batches: every sequence has max_seqlen queries and keys).
+std::vector<Sequence> sequences(const char* op, const torch::Tensor& q, const torch::Tensor& k,
+                                const std::optional<torch::Tensor>& cu_seqlens_q,
+                                const std::optional<torch::Tensor>& cu_seqlens_k,
+                                const std::optional<torch::Tensor>& seqused_k, int64_t max_seqlen_q,
+                                int64_t max_seqlen_k, int64_t window_left, int64_t window_right);
+
+// ---------------------------------------------------------------------------------------------------------
+// Scheduling
+// ---------------------------------------------------------------------------------------------------------
+// A thread is only worth waking for at least this many scores (query x key pairs, about 0.1 ms at head dim
+// 64): a parallel region costs microseconds when idle, and milliseconds when the cores are busy elsewhere
+// (gradcheck's thousand tiny calls took 40 s on a loaded 2-core machine with a thread per task).
+constexpr int64_t kMinScoresPerThread = 1 << 16;
+// Elements of a memory-bound pass (packing, Delta, the dQ sum) per thread, by the same reasoning.
+constexpr int64_t kMinElementsPerThread = 1 << 16;
+
+// Runs body(task, workspace) for every task, the costliest first (a task's cost is its number of scores),
+// handed out one at a time from a shared counter: causal and windowed tiles differ several-fold in work,
+// and at::parallel_for's static split would leave threads idle. Each task writes only its own outputs, so
+// which thread runs it does not change a bit.
+template <typename Task, typename Workspace, typename MakeWorkspace, typename Body>
+void run_tasks(std::vector<Task>& tasks, const MakeWorkspace& make_workspace, const Body& body) {
+  std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) { return x.cost > y.cost; });
+  int64_t total_cost = 0;
+  for (const Task& task : tasks) total_cost += task.cost;
+  const int64_t workers = std::clamp<int64_t>(
+      std::min<int64_t>(total_cost / kMinScoresPerThread, static_cast<int64_t>(tasks.size())), 1,
+      at::get_num_threads());
+  std::atomic<size_t> next{0};
+  const auto drain = [&] {
+    Workspace workspace = make_workspace();
+    for (size_t t = next.fetch_add(1); t < tasks.size(); t = next.fetch_add(1)) body(tasks[t], workspace);
+  };
+  if (workers == 1) return drain();
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) { drain(); });
+}
+
+// at::parallel_for over [0, n) items of `item_elements` elements each, kMinElementsPerThread per thread.
+template <typename F>
+void parallel_items(int64_t n, int64_t item_elements, const F& body) {
+  at::parallel_for(0, n, std::max<int64_t>(1, kMinElementsPerThread / std::max<int64_t>(item_elements, 1)), body);
+}
+
+struct Shape {
+  int64_t heads_q, heads_kv, group, head_dim, padded_dim;
+};
+
+// Argument checks shared by the entry points (attention.cpp).
+void check_tokens(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& like);
+Shape check_qkv(const char* op, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
+void check_softmax_scale(const char* op, double softmax_scale);
+
+// The saved lse is double for every input dtype, so the backward can recompute P to acc_t accuracy.
+inline torch::ScalarType lse_dtype(const torch::Tensor&) { return at::kDouble; }
+
+}  // namespace attention_cpu
+}  // namespace fastllm
