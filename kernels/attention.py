@@ -379,22 +379,31 @@ def _config(block_m, block_n, num_warps, num_stages):
 
 # Candidates for sm_80 (A100) and sm_90 (H100/H200) by BLOCK_D, after FlashAttention-2's Triton kernels.
 # The forward and dQ keep a query tile and stream keys; dK/dV keeps a key tile and streams queries. Tiles
-# shrink as rows widen so that the fp32 accumulators (BLOCK_M x BLOCK_D, or 2 x BLOCK_N x BLOCK_D for
-# dK/dV) stay within the registers and the pipelined tiles within the A100's 164 KiB of shared memory
-# (checked by compiling: the largest, the forward at 256, uses 128 KiB).
+# shrink, or warps grow, as rows widen so that the fp32 accumulators (BLOCK_M x BLOCK_D, or 2 x BLOCK_N x
+# BLOCK_D for dK/dV) stay within the 255 registers per thread: tests/test_aot_compile.py reads every
+# candidate's registers, stack and shared memory from its cubin and fails on any spill (the table is in
+# bench/RESULTS.md, gpu-resources). Retuned from those numbers (the configuration they replaced, and its
+# stack frame in bytes per thread on sm_80 / sm_90):
+#   16-bit forward 128: (64, 64, 4 warps, 3 stages) -> 8 warps (56 / 0); 256: (64, 32, 4, 2) -> (32, 64, 8, 2)
+#     (144 / 0); dK/dV 64: 4 -> 8 warps (120 / 152); 128: (32, 128, 8, 2) -> (32, 64, 8, 2) (96 / 0);
+#     256: (16, 64, 4, 2) -> (16, 32, 8, 2) (712 / 1064).
 HALF_CONFIGS = {  # fp16 and bf16: tensor-core dots
     "forward": {64: [_config(128, 64, 4, 3), _config(64, 64, 4, 4)],
-                128: [_config(128, 64, 8, 3), _config(64, 64, 4, 3)],
-                256: [_config(64, 32, 4, 2), _config(64, 32, 8, 2)]},
-    "dkdv": {64: [_config(32, 128, 4, 3)], 128: [_config(32, 128, 8, 2)], 256: [_config(16, 64, 4, 2)]},
+                128: [_config(128, 64, 8, 3), _config(64, 64, 8, 3)],
+                256: [_config(64, 32, 8, 2), _config(32, 64, 8, 2)]},
+    "dkdv": {64: [_config(32, 128, 8, 3)], 128: [_config(32, 64, 8, 2)], 256: [_config(16, 32, 8, 2)]},
     "dq": {64: [_config(128, 32, 4, 3)], 128: [_config(128, 32, 8, 2)], 256: [_config(32, 32, 4, 2)]},
 }
 # fp32 dots in full precision run on the FMA units with operands in registers: small tiles, one candidate
 # each (fp32 attention on a GPU is for checking, not for speed; larger tiles took 20 s each to compile).
+# Retuned the same way: the forward 64: 4 -> 8 warps (448 / 96), 128: (32, 32, 4, 2) -> (16, 32, 8, 2)
+# (160 / 800; sm_90 kept spilling at 32 x 32 with 8 warps), 256: 4 -> 8 warps (16 / 7720); dK/dV 64:
+# (16, 64, 4, 2) -> (16, 32, 4, 2) (48 / 224), 128: (16, 32, 4, 2) -> (16, 16, 4, 2) (80 / 0), 256: 4 -> 8
+# warps (0 / 8); dQ 64: 4 -> 8 warps (376 / 352), 128: 4 -> 8 warps (152 / 0), 256: 4 -> 8 warps (16 / 0).
 FLOAT_CONFIGS = {
-    "forward": {64: [_config(64, 32, 4, 2)], 128: [_config(32, 32, 4, 2)], 256: [_config(16, 32, 4, 1)]},
-    "dkdv": {64: [_config(16, 64, 4, 2)], 128: [_config(16, 32, 4, 2)], 256: [_config(16, 16, 4, 1)]},
-    "dq": {64: [_config(64, 32, 4, 2)], 128: [_config(32, 32, 4, 2)], 256: [_config(16, 16, 4, 1)]},
+    "forward": {64: [_config(64, 32, 8, 2)], 128: [_config(16, 32, 8, 2)], 256: [_config(16, 32, 8, 1)]},
+    "dkdv": {64: [_config(16, 32, 4, 2)], 128: [_config(16, 16, 4, 2)], 256: [_config(16, 16, 8, 1)]},
+    "dq": {64: [_config(64, 32, 8, 2)], 128: [_config(32, 32, 8, 2)], 256: [_config(16, 16, 8, 1)]},
 }
 INTERPRETER_CONFIG = _config(16, 16, 1, 1)
 MIN_BLOCK_D = 32  # head dims up to 32 share one compiled width: below it the dots are too small to matter
@@ -590,15 +599,16 @@ def aot_specs():
                 types[name] = "i32"
         return types
 
-    def add(kernel, dt, constexprs, num_warps):
+    def add(kernel, dt, constexprs, num_warps, num_stages=3):
         types = signature(kernel, dt)
         divisible = tuple(n for n, t in types.items() if t.startswith("*")) + ("head_dim",)
-        specs.append(AotSpec(kernel, types, constexprs, num_warps, divisible))
+        specs.append(AotSpec(kernel, types, constexprs, num_warps, divisible, num_stages))
 
     def add_tiled(kind, kernel, dt, block_d, flags, all_candidates):
         candidates = gpu_configs(kind, block_d, dt == "fp32")
         for config in candidates if all_candidates else candidates[:1]:
-            add(kernel, dt, dict(config.kwargs, BLOCK_D=block_d, IEEE=dt == "fp32", **flags), config.num_warps)
+            add(kernel, dt, dict(config.kwargs, BLOCK_D=block_d, IEEE=dt == "fp32", **flags), config.num_warps,
+                config.num_stages)
 
     all_on = dict(WINDOW_LEFT=True, WINDOW_RIGHT=True, HAS_SEQUSED_K=True)
     for dt in ("bf16", "fp16", "fp32"):

@@ -40,9 +40,15 @@ import triton.language as tl
 from .utils import AotSpec, block_size, block_sizes, num_warps
 
 # The longest row kept in registers: 8192 fp32 over 16 warps is 16 values per thread per live tensor, which
-# leaves room for the backward's five (h, dy, scale, dweight and dbias accumulators) without spilling
-# (sm_90: 99 registers per thread for the backward with every option on, 64 for the forward, no spills).
+# leaves room for the backward's five (h, dy, scale, dweight and dbias accumulators) without spilling when the
+# row length is a multiple of 16 (vectorised loads). Rows of another length need more registers for their
+# addresses and masks: the backward with every option on spilled 150-280 B of stack at 8192 (sm_80 and
+# sm_90), so for them it keeps rows of up to 4096 whole. Longer rows are walked in 4096-wide chunks: with
+# 8192-wide chunks, ptxas kept some variants at 64 (16 warps) or 32 (32 warps) registers and spilled a few
+# bytes. Per-configuration registers: bench/RESULTS.md, gpu-resources section.
 MAX_FUSED_BLOCK = 8192
+UNALIGNED_BACKWARD_MAX_FUSED_BLOCK = 4096
+LOOP_BLOCK = 4096
 # Programs of the backward when running in the interpreter (no SMs to count). Any fixed number is
 # deterministic; a small one keeps the interpreter's per-program Python overhead down.
 INTERPRETER_PROGRAMS = 4
@@ -320,10 +326,17 @@ def _absent(like):
     return torch.empty(0, dtype=like.dtype, device=like.device)
 
 
+def _row_block(cols, max_fused_block):
+    """(BLOCK, SINGLE_CHUNK): the whole row if it has at most `max_fused_block` elements, else LOOP_BLOCK chunks."""
+    if cols <= max_fused_block:
+        return block_size(cols, max_block=max_fused_block), True
+    return LOOP_BLOCK, False
+
+
 def _launch_config(cols):
     """(BLOCK, SINGLE_CHUNK, num_warps) of the forward for rows of `cols` elements."""
-    block = block_size(cols, max_block=MAX_FUSED_BLOCK)
-    return block, cols <= block, num_warps(block)
+    block, single_chunk = _row_block(cols, MAX_FUSED_BLOCK)
+    return block, single_chunk, num_warps(block)
 
 
 def _backward_launch_config(rows, cols, device):
@@ -336,13 +349,15 @@ def _backward_launch_config(rows, cols, device):
     207 us (3.9 TB/s) at 8 x 4. The count depends only on the shape and the device, so the summation order
     of the parameter gradients is fixed.
     """
-    block = block_size(cols, max_block=MAX_FUSED_BLOCK)
+    # The JIT specialises a row length that is a multiple of 16 (vectorised loads); other lengths take more
+    # registers (see UNALIGNED_BACKWARD_MAX_FUSED_BLOCK).
+    block, single_chunk = _row_block(cols, MAX_FUSED_BLOCK if cols % 16 == 0 else UNALIGNED_BACKWARD_MAX_FUSED_BLOCK)
     warps = _backward_warps(block)
     if device.type == "cuda":
         wanted = _multiprocessor_count(device.index) * max(1, 32 // warps)
     else:
         wanted = INTERPRETER_PROGRAMS
-    return block, cols <= block, warps, max(1, min(rows, wanted))
+    return block, single_chunk, warps, max(1, min(rows, wanted))
 
 
 def _backward_warps(block):
@@ -429,10 +444,11 @@ def norm_backward(dy, d_residual_out, h, weight, mean, rstd, offset, rms, want_w
 def aot_specs():
     """Every configuration class the launchers above can compile, for tests/test_aot_compile.py.
 
-    In every activation/weight dtype pairing: both norms, single-chunk and looping, with every optional input
-    and gradient on and with all of them off, at the largest block (the looping path of long rows) as the JIT
-    specialises it for aligned tensors and a row length that is a multiple of 16 (4096); then every block size
-    the helper can pick, in every activation dtype, with all options on and an odd row length.
+    In every activation/weight dtype pairing: both norms, single-chunk (at the largest block) and looping (at
+    LOOP_BLOCK), with every optional input and gradient on and with all of them off, as the JIT specialises
+    them for aligned tensors and a row length that is a multiple of 16 (8192, 16384); then, in every
+    activation dtype with all options on and an odd row length, every single-chunk block the launchers can
+    pick (the backward's stop at UNALIGNED_BACKWARD_MAX_FUSED_BLOCK) and the looping path.
     """
     pairs = (("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"))
     specs = []
@@ -466,11 +482,13 @@ def aot_specs():
                         flags = dict.fromkeys(options, on)
                         if "HAS_BIAS" in flags:
                             flags["HAS_BIAS"] = on and not rms  # RMSNorm has no bias
-                        add(kernel, signature, dict(flags, IS_RMS=rms, SINGLE_CHUNK=single_chunk), MAX_FUSED_BLOCK,
-                            aligned=True)
+                        add(kernel, signature, dict(flags, IS_RMS=rms, SINGLE_CHUNK=single_chunk),
+                            MAX_FUSED_BLOCK if single_chunk else LOOP_BLOCK, aligned=True)
     for dt in ("fp32", "fp16", "bf16"):
         for kernel, signature, options in signatures(dt, dt):
-            for block in block_sizes(max_block=MAX_FUSED_BLOCK):
-                add(kernel, signature, dict(dict.fromkeys(options, True), IS_RMS=False, SINGLE_CHUNK=True), block,
-                    aligned=False)
+            all_on = dict(dict.fromkeys(options, True), IS_RMS=False)
+            longest = UNALIGNED_BACKWARD_MAX_FUSED_BLOCK if kernel is _norm_backward_kernel else MAX_FUSED_BLOCK
+            for block in block_sizes(max_block=longest):
+                add(kernel, signature, dict(all_on, SINGLE_CHUNK=True), block, aligned=False)
+            add(kernel, signature, dict(all_on, SINGLE_CHUNK=False), LOOP_BLOCK, aligned=False)
     return specs

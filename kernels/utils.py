@@ -40,3 +40,4 @@ class AotSpec(NamedTuple):
     # Arguments the JIT would see as multiples of 16 (16-byte-aligned tensors, ints such as 32000), which
     # switches on vectorised loads: the path most real launches take.
     divisible_by_16: tuple = ()
+    num_stages: int = 3  # software-pipelining depth of loops over tiles; 3 is Triton's default for a launch
