@@ -10,7 +10,7 @@
 
 namespace fastllm {
 
-// ---- softmax family (cpu/softmax.cpp) ----
+// ---- softmax family (cpu/softmax.cpp, cpu/logit_stats.cpp) ----
 torch::Tensor softmax_forward(const torch::Tensor& x, bool log);
 torch::Tensor softmax_backward(const torch::Tensor& dy, const torch::Tensor& y, bool log);
 
