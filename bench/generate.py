@@ -2,18 +2,22 @@
 
     python -m bench.generate                    # batch 1 and 8, 64 and 256 new tokens, greedy and sampled
     python -m bench.generate --quick            # a tiny model and a few tokens: a smoke run of seconds
+    python -m bench.generate --threads 2        # torch threads for both sides (default 1)
 
 A Llama-style model (6 layers x 512, 8 query / 4 key-value heads, SwiGLU, vocabulary 32000) is built from a
 transformers LlamaConfig with random weights, saved to a temporary folder, and loaded by both sides:
 transformers' LlamaForCausalLM and fastllm's GPT.from_hf. Nothing is downloaded. Every prompt is 32 random
 tokens and runs to exactly max_new_tokens (no stop token), so both sides do the same work; sampling is from
 softmax(logits) unrestricted (HF: top_k=0, top_p=1). The two sides' calls alternate, who goes first rotating
-(harness.time_rotating), and tokens/s is batch x new tokens over the median call. Greedy tokens are checked
-equal between the two.
+(harness.time_rotating), and tokens/s is batch x new tokens over the median call. fastllm's first call at a
+batch size lays its weights out for that batch (fastllm.model.decode.cached_linear); that call is the
+warm-up, and its time is reported apart. Greedy tokens are compared with HF's (a difference is reported,
+with where it starts). The machine's load average is printed before and after.
 
-Then the decode step of fastllm, profiled (torch.profiler) over one batch-8 greedy call: the time of each
-group of ops (matmuls, attention, norms, cache writes, sampling, ...) per step, and what is left of the
-wall time (Python and dispatch). Writes a table to the terminal and bench/out/generate.json.
+Then fastllm's decode step, timed by section (fastllm.model.decode.section_times) over one greedy call per
+batch size: the ms per step of the matmuls, the head matmul, attention, norms, cache writes, rotary /
+embedding / activation, sampling, and the rest of the wall time (the prefill spread over the steps, Python).
+Writes a table to the terminal and bench/out/generate.json.
 """
 import argparse
 import json
@@ -34,14 +38,6 @@ FULL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_at
             num_key_value_heads=4, vocab_size=32000, max_position_embeddings=512)
 QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
-# torch.profiler op names -> the group they are reported under (first match wins; the rest is "other ops")
-OP_GROUPS = [("matmuls", ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::bmm")),
-             ("attention", ("attention",)),
-             ("norms", ("rms_norm", "layer_norm")),
-             ("cache writes", ("index_put", "aten::copy_", "aten::index")),
-             ("sampling", ("argmax", "multinomial", "softmax", "topk", "sort", "gather", "log_softmax")),
-             ("rotary and elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::cat", "aten::cos",
-                                         "aten::sin", "aten::silu", "aten::neg"))]
 
 
 def build_models(config_kwargs, folder):
@@ -70,8 +66,21 @@ def fastllm_generate(model, prompts, new_tokens, sample):
     return model.generate(prompts, new_tokens, temperature=1.0 if sample else 0.0).tokens
 
 
+def _first_difference(a, b):
+    """None if the token lists are equal, else (row, position) of the first difference."""
+    for row, (x, y) in enumerate(zip(a, b)):
+        for position, (s, t) in enumerate(zip(x, y)):
+            if s != t:
+                return row, position
+        if len(x) != len(y):
+            return row, min(len(x), len(y))
+    return None
+
+
 def measure_speed(hf_model, model, vocab, batches, new_token_counts, rounds):
     """One row per (batch, new tokens, greedy or sampled): each side's median seconds and tokens/s."""
+    from fastllm.model import decode
+
     rows = []
     generator = torch.Generator().manual_seed(1)
     for batch in batches:
@@ -80,50 +89,48 @@ def measure_speed(hf_model, model, vocab, batches, new_token_counts, rounds):
             for sample in (False, True):
                 calls = {"hf": lambda: hf_generate(hf_model, prompts, new_tokens, sample),
                          "fastllm": lambda: fastllm_generate(model, prompts, new_tokens, sample)}
+                decode.release_layouts(model)  # the first call lays the weights out again: timed apart
+                start = time.perf_counter()
+                tokens = calls["fastllm"]()
+                first_s = time.perf_counter() - start
+                difference = None
                 if not sample:
-                    hf_tokens, tokens = calls["hf"](), calls["fastllm"]()
-                    if hf_tokens != tokens:
-                        raise SystemExit(f"greedy tokens differ from HF's at batch {batch}, {new_tokens} tokens")
-                times = harness.time_rotating(calls, rounds, warmup=1)
+                    difference = _first_difference(calls["hf"](), tokens)
+                times = harness.time_rotating(calls, rounds)
                 seconds = {name: statistics.median(t) for name, t in times.items()}
                 rows.append({"batch": batch, "new_tokens": new_tokens, "mode": "sampled" if sample else "greedy",
-                             "hf_s": seconds["hf"], "fastllm_s": seconds["fastllm"],
+                             "hf_s": seconds["hf"], "fastllm_s": seconds["fastllm"], "fastllm_first_call_s": first_s,
                              "hf_tokens_per_s": batch * new_tokens / seconds["hf"],
                              "fastllm_tokens_per_s": batch * new_tokens / seconds["fastllm"],
-                             "speedup": seconds["hf"] / seconds["fastllm"]})
+                             "speedup": seconds["hf"] / seconds["fastllm"],
+                             "greedy_equal_hf": None if sample else difference is None,
+                             "first_difference": difference})
                 print(_speed_line(rows[-1]), flush=True)
     return rows
 
 
 def _speed_line(row):
-    return (f"batch {row['batch']:2d}, {row['new_tokens']:3d} new tokens, {row['mode']:7s}: "
+    line = (f"batch {row['batch']:2d}, {row['new_tokens']:3d} new tokens, {row['mode']:7s}: "
             f"HF {row['hf_tokens_per_s']:7.1f} tok/s, fastllm {row['fastllm_tokens_per_s']:7.1f} tok/s, "
-            f"{row['speedup']:.2f}x")
-
-
-def _group(name):
-    for group, keys in OP_GROUPS:
-        if any(key in name for key in keys):
-            return group
-    return "other ops"
+            f"{row['speedup']:.2f}x (fastllm's first call {row['fastllm_first_call_s']:.2f} s)")
+    if row["first_difference"] is not None:
+        line += f"; GREEDY TOKENS DIFFER from HF's at (row, position) {row['first_difference']}"
+    return line
 
 
 def decode_step_split(model, vocab, batch, new_tokens):
-    """Per decode step (the prefill included, spread over the steps), the ms of each op group (self CPU time,
-    profiled) and the rest of the profiled call's wall time (Python, dispatch, and the profiler's own cost)."""
-    from torch.profiler import ProfilerActivity, profile
+    """Per decode step, the ms of each section of fastllm's decode (and of sampling), and the rest of the
+    call's wall time (the prefill spread over the steps, the loop's Python), over one greedy call."""
+    from fastllm.model import decode
 
     prompts = torch.randint(0, vocab, (batch, PROMPT_TOKENS), generator=torch.Generator().manual_seed(2))
-    fastllm_generate(model, prompts, new_tokens, sample=False)  # warm
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        start = time.perf_counter()  # the wall time of the profiled call itself, so the parts add up to it
+    fastllm_generate(model, prompts, new_tokens, sample=False)  # warm, weights laid out
+    with decode.section_times() as seconds:
+        start = time.perf_counter()
         fastllm_generate(model, prompts, new_tokens, sample=False)
         wall_s = time.perf_counter() - start
-    groups = {}
-    for event in prof.key_averages():
-        groups[_group(event.key)] = groups.get(_group(event.key), 0.0) + event.self_cpu_time_total / 1e3
-    split = {group: ms / new_tokens for group, ms in sorted(groups.items(), key=lambda kv: -kv[1])}
-    split["python, dispatch, profiler (wall - ops)"] = max(0.0, wall_s * 1e3 / new_tokens - sum(split.values()))
+    split = {name: s * 1e3 / new_tokens for name, s in sorted(seconds.items(), key=lambda kv: -kv[1])}
+    split["rest: prefill, Python (wall - sections)"] = max(0.0, wall_s * 1e3 / new_tokens - sum(split.values()))
     return {"batch": batch, "new_tokens": new_tokens, "wall_ms_per_step": wall_s * 1e3 / new_tokens,
             "ms_per_step": split}
 
@@ -134,6 +141,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="timed alternating rounds per row (default 3)")
     parser.add_argument("--batches", help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--new-tokens", help="comma-separated new-token counts (default 64,256)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (default 1)")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "out"), help="folder for generate.json")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
@@ -142,21 +150,30 @@ def main(argv=None):
         batches = tuple(int(n) for n in args.batches.split(","))
     if args.new_tokens:
         new_token_counts = tuple(int(n) for n in args.new_tokens.split(","))
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     machine = {"device": "cpu", "cpu": reporting._cpu_model(), "cpu_cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads()}
-    print(f"{reporting.machine_title(machine)}, torch {torch.__version__}; model {config}", flush=True)
+    print(f"{reporting.machine_title(machine)}, torch {torch.__version__}, {args.threads} thread(s), load average "
+          f"{load_before[0]:.2f}; model {config}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
         hf_model, model = build_models(config, folder)
     rows = measure_speed(hf_model, model, config["vocab_size"], batches, new_token_counts, args.rounds)
-    split = decode_step_split(model, config["vocab_size"], max(batches), max(new_token_counts))
-    print(f"fastllm decode step, batch {split['batch']}, greedy: {split['wall_ms_per_step']:.2f} ms wall per step")
-    for group, ms in split["ms_per_step"].items():
-        print(f"  {group:34s} {ms:7.3f} ms")
+    splits = [decode_step_split(model, config["vocab_size"], batch, max(new_token_counts)) for batch in batches]
+    for split in splits:
+        print(f"fastllm decode step, batch {split['batch']}, {split['new_tokens']} tokens, greedy: "
+              f"{split['wall_ms_per_step']:.2f} ms wall per step")
+        for group, ms in split["ms_per_step"].items():
+            print(f"  {group:42s} {ms:7.3f} ms")
+    load_after = os.getloadavg()
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "generate.json")
     with open(path, "w") as out:
         json.dump({"command": " ".join(["python -m bench.generate", *(argv or sys.argv[1:])]), "model": config,
-                   "torch_threads": torch.get_num_threads(), "speed": rows, "decode_step": split}, out, indent=1)
+                   "torch_threads": torch.get_num_threads(),
+                   "load_average": {"before": load_before, "after": load_after}, "speed": rows, "decode_step": splits},
+                  out, indent=1)
     print(f"wrote {path}")
     return 0
 

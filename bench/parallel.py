@@ -2,6 +2,7 @@
 
     python -m bench.parallel                      # ~50M-parameter Llama-style GPT, writes its bench/RESULTS.md section
     python -m bench.parallel --steps 3 --out /tmp/parallel.md    # a quick run elsewhere
+    python -m bench.parallel --modes ddp,fsdp-gloo-native,fsdp --rounds 2   # + FSDP on gloo's own collectives
 
 Each mode runs in its own `torchrun --nproc_per_node=2` launch (gloo on CPU, nccl on GPU; 1 thread per process
 on CPU) so its peak memory is its own: the model is built, wrapped by fastllm.train.parallel.parallelize, and
@@ -10,7 +11,8 @@ the process's footprint before the model existed (bench.harness.PeakMemory: CPU 
 blocks mmapped, GPU torch.cuda.max_memory_allocated),
 the bytes of parameters + gradients + AdamW state counted from the local shards, and tokens/s (all ranks'
 tokens / median step time). Under FSDP the model is built on the meta device and materialised shard by shard,
-as a model too large for one process would have to be.
+as a model too large for one process would have to be. --rounds N launches every mode N times round robin
+(medians over all their steps): on shared cores a change of load then shifts every mode, not one.
 """
 from __future__ import annotations
 
@@ -33,13 +35,15 @@ from bench.train_step import loadavg
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_MD = os.path.join(REPO, "bench", "RESULTS.md")
 SECTION = "parallel"
-MODES = {"ddp": ("ddp", False), "fsdp": ("fsdp", False), "fsdp+ac": ("fsdp", True)}
+MODES = {"ddp": ("ddp", False), "fsdp": ("fsdp", False), "fsdp+ac": ("fsdp", True),
+         "fsdp-gloo-native": ("fsdp", False)}  # (not by default) FSDP on gloo's own all-gather and reduce-scatter
+DEFAULT_MODES = "ddp,fsdp,fsdp+ac"
 MODEL = dict(vocab_size=8192, n_layer=13, n_head=8, n_embd=512, block_size=128)
 
 
-def build(mode: str, activation_checkpointing: bool, dist):
+def build(mode: str, activation_checkpointing: bool, dist, native_collectives: bool = False):
     from fastllm.model import GPT, GPTConfig
-    from fastllm.train.parallel import parallelize
+    from fastllm.train.parallel import fsdp_modules, parallelize
 
     config = GPTConfig.llama_style(**MODEL, dropout=0.0)
     if mode == "ddp":
@@ -48,6 +52,12 @@ def build(mode: str, activation_checkpointing: bool, dist):
     with torch.device("meta"):
         model = GPT(config)
     trained = parallelize(model, mode, dist, activation_checkpointing=activation_checkpointing)
+    if native_collectives:  # undo fastllm's gloo collectives: the baseline they are measured against
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
+
+        for m in fsdp_modules(model):
+            m.set_custom_all_gather(DefaultAllGather())
+            m.set_custom_reduce_scatter(DefaultReduceScatter())
     model.to_empty(device=dist.device)
     with torch.no_grad():  # each process initialises its own shards (values do not matter here)
         for p in model.parameters():
@@ -68,14 +78,14 @@ def worker(args) -> None:
     # otherwise keep every freed all-gather buffer's pages).
     harness.mmap_large_allocations()
     peak = harness.PeakMemory(dist.device).__enter__()
-    model, trained = build(mode, checkpointing, dist)
+    model, trained = build(mode, checkpointing, dist, native_collectives=args.worker == "fsdp-gloo-native")
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=0))
     g = torch.Generator().manual_seed(dist.rank)
     x = torch.randint(0, MODEL["vocab_size"], (args.batch_size, MODEL["block_size"]), generator=g).to(dist.device)
-    times, counted = [], None
+    times, cpu_times, counted = [], [], None
     for step in range(args.warmup + args.steps):
         dist.barrier()
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         loss = trained(x, x)[1]
         loss.backward()
         if step == 0:
@@ -86,11 +96,13 @@ def worker(args) -> None:
         optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
+        cpu = time.process_time() - cpu0  # this process's threads (compute and gloo's), before waiting for the others
         dist.barrier()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(cpu)
     peak.__exit__(None, None, None)
-    row = {"peak_bytes": peak.extra_bytes, "counted": counted, "step_s": times}
+    row = {"peak_bytes": peak.extra_bytes, "counted": counted, "step_s": times, "cpu_s": cpu_times}
     rows = dist.gather_objects(row)
     if dist.is_main:
         tokens = dist.world_size * args.batch_size * MODEL["block_size"]
@@ -120,22 +132,34 @@ def launch(mode: str, args) -> dict:
     return result
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    """One result of several launches of a mode: each rank's step times pooled, its peak the highest."""
+    merged = {**results[0], "load": "-".join(r["load"] for r in results)}
+    merged["ranks"] = [{"peak_bytes": max(r["ranks"][i]["peak_bytes"] for r in results), "counted": ranks["counted"],
+                        "step_s": [t for r in results for t in r["ranks"][i]["step_s"]],
+                        "cpu_s": [t for r in results for t in r["ranks"][i]["cpu_s"]]}
+                       for i, ranks in enumerate(results[0]["ranks"])]
+    return merged
+
+
 def summarise(result: dict) -> dict:
     ranks = result["ranks"]
     median_s = statistics.median(t for r in ranks for t in r["step_s"])
     return {"mode": result["mode"], "peak_mib": max(r["peak_bytes"] for r in ranks) / 2**20,
             "counted_mib": max(sum(r["counted"].values()) for r in ranks) / 2**20,
-            "median_s": median_s, "tokens_per_s": result["tokens_per_step"] / median_s, "params": result["params"],
+            "median_s": median_s, "cpu_s": statistics.median(t for r in ranks for t in r["cpu_s"]),
+            "tokens_per_s": result["tokens_per_step"] / median_s, "params": result["params"],
             "load": result.get("load", "")}
 
 
 def format_section(rows: list[dict], machine: dict, command: str, args, load_start: str, load_end: str) -> str:
     base = rows[0]
     table = reporting.markdown_table(
-        ["mode", "peak MiB / rank", "x DDP", "params+grads+AdamW MiB / rank", "x DDP", "median step s", "tokens/s",
-         "x DDP", "load"],
+        ["mode", "peak MiB / rank", "x DDP", "params+grads+AdamW MiB / rank", "x DDP", "median step s",
+         "CPU s / step / rank", "tokens/s", "x DDP", "load"],
         [[r["mode"], f"{r['peak_mib']:.0f}", f"{r['peak_mib'] / base['peak_mib']:.2f}", f"{r['counted_mib']:.0f}",
-          f"{r['counted_mib'] / base['counted_mib']:.2f}", f"{r['median_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+          f"{r['counted_mib'] / base['counted_mib']:.2f}", f"{r['median_s']:.2f}", f"{r['cpu_s']:.2f}",
+          f"{r['tokens_per_s']:.0f}",
           f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}", r["load"]] for r in rows])
     fsdp = next(r for r in rows if r["mode"] == "fsdp")
     memory_ok = fsdp["peak_mib"] <= 0.6 * base["peak_mib"]
@@ -151,7 +175,8 @@ def format_section(rows: list[dict], machine: dict, command: str, args, load_sta
         f"row gives the 1-minute load when it finished)",
         f"- Model: Llama-style GPT, {base['params'] / 1e6:.1f}M parameters ({MODEL['n_layer']} blocks x "
         f"{MODEL['n_embd']} wide, vocab {MODEL['vocab_size']}, untied head), fp32, AdamW; {args.batch_size} x "
-        f"{MODEL['block_size']} tokens per rank per step; {args.warmup} warm-up + {args.steps} timed steps",
+        f"{MODEL['block_size']} tokens per rank per step; {args.warmup} warm-up + {args.steps} timed steps"
+        f"{f' per launch, {args.rounds} launches per mode round robin' if args.rounds > 1 else ''}",
         "",
         table,
         "",
@@ -162,20 +187,28 @@ def format_section(rows: list[dict], machine: dict, command: str, args, load_sta
         "- Peak = the resident set's high-water mark above the process's footprint before the model existed "
         "(includes activations, DDP's gradient buckets and FSDP's gathered blocks); the counted column is "
         "parameters + gradients + AdamW state from the local shards.",
-        "- What bounds FSDP's speed here: per step it moves 1.5x DDP's bytes (all-gather in forward and again in "
-        "backward, reduce-scatter of gradients vs one all-reduce), through gloo over loopback on the same 2 "
-        "cores that compute, so communication does not overlap compute as it does on GPUs with NCCL streams.",
+        "- FSDP's collectives on gloo are fastllm's (fastllm.train.parallel.GlooAllGather: one broadcast per rank; "
+        "GlooReduceScatter: direct send/recv), faster there than gloo's all_gather_into_tensor and "
+        "reduce_scatter_tensor. What bounds FSDP's speed: each rank sends 1.4x DDP's bytes per step (every block "
+        "all-gathered in forward and again in backward, gradients reduce-scattered, vs one all-reduce), through "
+        "loopback TCP on the cores that compute, and FSDP2 runs them synchronously on CPU (no streams), so they "
+        "add to the step where DDP's bucketed all-reduce overlaps the backward in gloo's threads.",
+        "- CPU s / step / rank: this process's CPU time (compute and gloo's threads) per step: less sensitive to "
+        "the other jobs' load than the wall-clock columns.",
         f"<!-- /bench:{SECTION} -->",
     ])
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {list(MODES)}")
+    parser.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, of {list(MODES)} (default: "
+                                                                f"{DEFAULT_MODES})")
     parser.add_argument("--steps", type=int, default=5, help="timed steps (default: 5)")
     parser.add_argument("--warmup", type=int, default=2, help="(default: 2)")
     parser.add_argument("--batch-size", type=int, default=2, help="sequences per rank per step (default: 2)")
     parser.add_argument("--nproc", type=int, default=2, help="processes (default: 2)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="launches per mode, taken round robin; medians over all (default: 1)")
     parser.add_argument("--out", default=RESULTS_MD, help="markdown file whose parallel section is (re)written")
     parser.add_argument("--worker", choices=list(MODES), help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -189,13 +222,14 @@ def main(argv=None) -> int:
     command = "python -m bench.parallel " + shlex.join(sys.argv[1:] if argv is None else argv)
     machine = reporting.describe_machine(harness.Machine.measure(torch.device("cpu"), harness.QUICK_SETTINGS))
     load_start = loadavg()
-    rows = []
-    for mode in modes:
-        print(f"{mode}: {args.warmup} warm-up + {args.steps} steps on {args.nproc} processes (load {loadavg()})",
-              file=sys.stderr, flush=True)
-        row = summarise(launch(mode, args))
-        row["load"] = loadavg().split()[0]
-        rows.append(row)
+    results = {mode: [] for mode in modes}
+    for round_ in range(args.rounds):  # round robin: a change of load shifts every mode, not one
+        for mode in modes:
+            print(f"{mode} (round {round_ + 1}/{args.rounds}): {args.warmup} warm-up + {args.steps} steps on "
+                  f"{args.nproc} processes (load {loadavg()})", file=sys.stderr, flush=True)
+            results[mode].append(launch(mode, args))
+            results[mode][-1]["load"] = loadavg().split()[0]
+    rows = [summarise(merge_rounds(results[mode])) for mode in modes]
     text = format_section(rows, machine, command.strip(), args, load_start, loadavg())
     reporting.update_results_md(args.out, text, SECTION)
     print(text)

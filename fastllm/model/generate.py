@@ -76,16 +76,22 @@ def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, generator=No
     softmax(logits / temperature) restricted by top_k / top_p. The log-prob is of the unrestricted
     softmax(logits / temperature): the policy's, which a trainer recomputes with linear_token_logprobs.
     """
+    return _sample(logits, temperature, top_k, top_p, generator, want_logprobs=True)
+
+
+def _sample(logits, temperature, top_k, top_p, generator, want_logprobs):
+    """sample_next, with the log-probs (None) skipped unless wanted. Batched, on the logits' device."""
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
-        logprobs = logits.log_softmax(dim=-1)
+        scaled = logits
     else:
         scaled = logits / temperature
-        logprobs = scaled.log_softmax(dim=-1)
-        probs = restrict_logits(scaled, top_k, top_p).softmax(dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+        restricted = restrict_logits(scaled, top_k, top_p) if top_k is not None or top_p is not None else scaled
+        tokens = torch.multinomial(restricted.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    if not want_logprobs:
+        return tokens, None
+    return tokens, (scaled.gather(-1, tokens[:, None]).squeeze(-1) - scaled.logsumexp(dim=-1))
 
 
 def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),
@@ -98,44 +104,78 @@ def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top
     torch.Generator on the model's device, for reproducible sampling. use_cache=False recomputes the whole
     forward at every step (the reference the cache is tested against). The model runs in eval mode (no
     dropout) under no_grad, and is put back in its previous mode.
+
+    The new tokens collect in a (B, max_new_tokens) buffer on the model's device and are read back once at the
+    end; stop tokens are checked as a tensor, and whether every row has stopped is read every step on CPU
+    (free there), every STOP_CHECK_EVERY steps on an accelerator (a device sync). With the cache, the decode
+    steps run on a decode.Decoder when the model's kernels allow (see decode.can_decode).
     """
     config = model.config
     prompts = _prompt_lists(prompts, config.vocab_size)
     stop = _check_generation_args(config, prompts, max_new_tokens, temperature, top_k, top_p, stop_tokens,
                                   return_logprobs)
-    device = model.lm_head_weight.device
-    batch = len(prompts)
-    tokens = [[] for _ in prompts]
-    logprobs = [[] for _ in prompts]
-    stopped = [False] * batch
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            if use_cache:
-                cache = KVCache(config.n_layer, batch, max(map(len, prompts)) + max_new_tokens)
-                last = _last_hidden(model, prompts, device, cache)  # the prefill, (B, C)
-            for step in range(max_new_tokens):
-                if not use_cache:
-                    last = _last_hidden(model, [p + t for p, t in zip(prompts, tokens)], device)
-                logits = F.linear(last, model.lm_head_weight)  # (B, V)
-                next_tokens, next_logprobs = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                         generator=generator)
-                for b, (token, logprob) in enumerate(zip(next_tokens.tolist(), next_logprobs.tolist())):
-                    if not stopped[b]:
-                        tokens[b].append(token)
-                        logprobs[b].append(logprob)
-                        stopped[b] = token in stop
-                if all(stopped) or step == max_new_tokens - 1:
-                    break
-                if use_cache:
-                    # Rows already stopped keep decoding too (one static batch); their tokens are dropped.
-                    last = model.hidden_states(next_tokens[:, None], cache=cache)[:, 0]
+            tokens, logprobs, counts, stopped = _decode(model, prompts, max_new_tokens, stop, use_cache,
+                                                        return_logprobs, lambda logits: _sample(
+                                                            logits, temperature, top_k, top_p, generator,
+                                                            return_logprobs))
     finally:
         model.train(was_training)
-    return Generation(tokens=tokens,
-                      logprobs=[torch.tensor(lp, dtype=torch.float32) for lp in logprobs] if return_logprobs else None,
-                      stopped=stopped)
+    counts = counts.tolist()
+    return Generation(tokens=[row[:n] for row, n in zip(tokens.tolist(), counts)],
+                      logprobs=[lp[:n].cpu() for lp, n in zip(logprobs, counts)] if return_logprobs else None,
+                      stopped=stopped.tolist())
+
+
+STOP_CHECK_EVERY = 8  # decode steps between reads of "has every row stopped?" on an accelerator
+
+
+def _decode(model, prompts, max_new_tokens, stop, use_cache, return_logprobs, sample):
+    """The decoding loop: (tokens (B, max_new_tokens), logprobs (B, max_new_tokens) fp32 or None, counts (B,)
+    of the tokens each row keeps, stopped (B,) bool), all on the model's device."""
+    from . import decode  # decode imports gpt, which imports this module
+
+    device = model.lm_head_weight.device
+    batch = len(prompts)
+    tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
+    logprobs = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device) if return_logprobs else None
+    counts = torch.zeros(batch, dtype=torch.long, device=device)
+    stopped = torch.zeros(batch, dtype=torch.bool, device=device)
+    stop_ids = torch.tensor(sorted(stop), dtype=torch.long, device=device)
+    check_every = 1 if device.type == "cpu" else STOP_CHECK_EVERY
+    head = lambda hidden: F.linear(hidden, model.lm_head_weight)  # noqa: E731
+    decoder = None
+    if use_cache:
+        cache = KVCache(model.config.n_layer, batch, max(map(len, prompts)) + max_new_tokens)
+        last = _last_hidden(model, prompts, device, cache)  # the prefill, (B, C)
+        if max_new_tokens > 1 and decode.can_decode(model, device, model.lm_head_weight.dtype):
+            decoder = decode.Decoder(model, cache)
+            head = decoder.logits
+    sample = decode.timed(sample, "sampling")
+    for step in range(max_new_tokens):
+        if not use_cache:
+            rows = tokens[:, :step].tolist()
+            last = _last_hidden(model, [p + r for p, r in zip(prompts, rows)], device)
+        next_tokens, next_logprobs = sample(head(last))
+        tokens[:, step] = next_tokens
+        if return_logprobs:
+            logprobs[:, step] = next_logprobs
+        counts += ~stopped  # a row keeps this token unless it stopped before it
+        if stop:
+            stopped |= torch.isin(next_tokens, stop_ids)
+        if step == max_new_tokens - 1 or ((step + 1) % check_every == 0 and bool(stopped.all())):
+            break
+        if decoder is not None:
+            last = decoder.step(next_tokens)
+        elif use_cache:
+            # Rows already stopped keep decoding too (one static batch); their tokens are dropped.
+            last = model.hidden_states(next_tokens[:, None], cache=cache)[:, 0]
+    if decoder is not None:
+        decoder.finish()
+    return tokens, logprobs, counts, stopped
 
 
 def _last_hidden(model, sequences, device, cache=None):

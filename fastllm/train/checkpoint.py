@@ -161,7 +161,7 @@ def save_checkpoint(root, step: int, *, models: dict[str, nn.Module], optimizers
 
 
 def save_sharded_checkpoint(root, step: int, *, dist, models: dict[str, nn.Module], optimizers: dict | None = None,
-                            owners: dict[str, str] | None = None, state: dict | None = None,
+                            owners: dict[str, str | nn.Module] | None = None, state: dict | None = None,
                             rng_states: list[dict] | None = None, extra_files: dict[str, str] | None = None,
                             keep: int = 2) -> Path:
     """save_checkpoint for models whose state is spread over the processes (FSDP): every process calls it
@@ -170,8 +170,9 @@ def save_sharded_checkpoint(root, step: int, *, dist, models: dict[str, nn.Modul
     points `latest` at it. Also works on one process with plain models (the format stays resumable by any
     number of processes).
 
-    models, optimizers: as in save_checkpoint. owners: {optimizer name: name of the model it updates} (its
-    state is keyed by that model's parameter names); by default every optimizer updates "model"."""
+    models, optimizers: as in save_checkpoint. owners: {optimizer name: name of the model it updates, or a
+    module holding everything it updates (e.g. an nn.ModuleDict of the policy and a value head)}: its state is
+    keyed by that module's parameter names; by default every optimizer updates "model"."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -182,7 +183,8 @@ def save_sharded_checkpoint(root, step: int, *, dist, models: dict[str, nn.Modul
     try:
         sharded = {key: get_model_state_dict(module) for key, module in models.items()}
         for key, opt in optimizers.items():
-            sharded[key] = get_optimizer_state_dict(models[owners.get(key, "model")], opt)
+            owner = owners.get(key, "model")
+            sharded[key] = get_optimizer_state_dict(models[owner] if isinstance(owner, str) else owner, opt)
         _dcp(dcp.save, sharded, tmp / SHARDED_DIR)
         final = None
         if dist.is_main:

@@ -24,8 +24,8 @@ from .chat import (IGNORE_INDEX, ChatTemplate, PreferencePair, export_model, fin
                    read_preferences, split_holdout)
 from .config import TrainConfig, add_config_arguments, config_from_args
 from .distributed import init_distributed
-from .loop import Trainer
-from .parallel import head_weight
+from .loop import Trainer, resolve_precision
+from .parallel import full_copy, head_weight, is_fsdp, parallelize
 from .reward import PreferenceData
 
 TRAIN_DEFAULTS = dict(steps=100, batch_size=8, lr=1e-5, min_lr=1e-6, warmup_steps=5, weight_decay=0.0,
@@ -84,11 +84,14 @@ def pair_layout(pairs: list[PreferencePair], device=None) -> dict:
 def sequence_logps(gpt, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed response log-probs (pairs,) of `gpt` on a pair_layout batch."""
     hidden = gpt.hidden_states(batch["input_ids"], cu_seqlens=batch["cu_seqlens"])[0]
+    weight = head_weight(gpt.lm_head_weight)  # a sharded reference's: gathered by its forward
     out = []
     for side in ("chosen", "rejected"):
         labels = batch[f"{side}_labels"]
-        logps = ops.linear_token_logprobs(hidden[batch[f"{side}_index"]], gpt.lm_head_weight, labels)
+        logps = ops.linear_token_logprobs(hidden[batch[f"{side}_index"]], weight, labels)
         out.append(logps.sum(-1))  # ignored positions give 0
+    if is_fsdp(gpt):
+        gpt.reshard()  # no backward will: free the root's gathered embeddings and head now
     return out[0], out[1]
 
 
@@ -156,6 +159,9 @@ def dpo(config: TrainConfig, *, data=None, init=None, model=None, ref_model=None
         ref_model.to(dist.device)
         # Before the Trainer shards the policy (under fsdp), while rank 0 can still run it alone.
         before = preference_margin(model.to(dist.device), held, ref_model) if held and dist.is_main else None
+        sharded_ref = config.parallel == "fsdp" and dist.enabled
+        if sharded_ref:  # the frozen reference sharded like the policy: 1/world_size of its weights per process
+            parallelize(ref_model, "fsdp", dist, precision=resolve_precision(dist.device, config.precision))
         trainer = Trainer(HiddenStates(model), config, PreferenceData(train, config.seed, pair_layout),
                           PreferenceData(held, config.seed + 1, pair_layout) if held else None,
                           loss_fn=make_dpo_loss(ref_model, beta=beta, loss_type=loss_type,
@@ -168,6 +174,8 @@ def dpo(config: TrainConfig, *, data=None, init=None, model=None, ref_model=None
             summary = trainer.fit(consolidate=True)  # under fsdp the full weights come to rank 0
         finally:
             trainer.close()  # before dist.close(): see Trainer.close
+        if sharded_ref and held:  # the held-out margins after training run on rank 0 alone
+            ref_model = full_copy(ref_model)
     finally:
         dist.close()
     if dist.is_main:

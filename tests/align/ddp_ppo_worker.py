@@ -7,7 +7,8 @@ stopped after 2 steps), "head" (a value head instead of a separate critic) and "
 from a different seed, as a script seeding torch by rank would: the trainer must start every rank from rank 0's).
 "grpo_batch" and "reinforce_pp" (one step of the estimators that normalise over the whole batch). "grpo_fsdp" and
 "ppo_fsdp" are "grpo" and "half" with the models sharded (parallel="fsdp"), "ppo_fsdp_half" its first step alone,
-then "ppo_fsdp_resumed" continues it to 2 steps from its sharded checkpoint.
+then "ppo_fsdp_resumed" continues it to 2 steps from its sharded checkpoint; "head_fsdp", "head_fsdp_half" and
+"head_fsdp_resumed" the same with "head" sharded.
 resume: "half" continued to 3 steps from its checkpoint, the trainer joining the process group itself (as the CLI).
 Each rank writes OUT_DIR/{run}.rank{r}.pt; the runs' own files go to OUT_DIR/{run}/."""
 import os
@@ -99,6 +100,11 @@ def main(out_dir, mode):
         run(out_dir, "ppo_fsdp_half", dist=dist, steps=1, parallel="fsdp")
         # resumed in this process group: a second init_process_group in one process can hang in its rendezvous
         run(out_dir, "ppo_fsdp_resumed", dist=dist, run_dir="ppo_fsdp_half", steps=2, resume=True, parallel="fsdp")
+        # the value head sharded beside the policy, sharing its optimizer; resumed as above
+        run(out_dir, "head_fsdp", dist=dist, steps=2, critic="head", parallel="fsdp")
+        run(out_dir, "head_fsdp_half", dist=dist, steps=1, critic="head", parallel="fsdp")
+        run(out_dir, "head_fsdp_resumed", dist=dist, run_dir="head_fsdp_half", steps=2, resume=True, critic="head",
+            parallel="fsdp")
         # the estimators that normalise over the batch: one step each, their advantages checked by the test
         for name, advantage in (("grpo_batch", "grpo"), ("reinforce_pp", "reinforce_pp")):
             run(out_dir, name, dist=dist, steps=1, advantage=advantage, group_size=2, scale_rewards="batch",

@@ -147,7 +147,7 @@ def assert_records_close(got, expected):
                 assert a[k] == b[k], k
 
 
-@pytest.mark.parametrize("run, baseline", [("grpo_fsdp", "grpo"), ("ppo_fsdp", "half")])
+@pytest.mark.parametrize("run, baseline", [("grpo_fsdp", "grpo"), ("ppo_fsdp", "half"), ("head_fsdp", "head")])
 def test_fsdp_equals_ddp_step_by_step(ppo_runs, run, baseline):
     """Policy, critic and reference sharded: the same draws, per-step metrics and weights as the ddp run (each
     rank its own prompts, gradients averaged), to fp32 rounding: FSDP reduce-scatters them in another order."""
@@ -166,15 +166,29 @@ def test_fsdp_equals_ddp_step_by_step(ppo_runs, run, baseline):
     assert torch.equal(fsdp[0]["final"], fsdp[0]["after_step"][-1]["policy"]) and fsdp[1]["final"] is None
 
 
-def test_fsdp_checkpoint_resumes_exactly_and_loads_on_one_process(ppo_runs, capsys):
-    from fastllm import cli
-
-    full, resumed = ranks(ppo_runs, "ppo_fsdp"), ranks(ppo_runs, "ppo_fsdp_resumed")
+def assert_resumed_exactly(out_dir, run):
+    """`run`_resumed (its first step run alone, then resumed from its sharded checkpoint) equals `run` bit for bit."""
+    full, resumed = ranks(out_dir, run), ranks(out_dir, f"{run}_resumed")
     for r in range(2):
         assert resumed[r]["drawn"] == full[r]["drawn"][1:]
+        assert resumed[r]["after_step"][0].keys() == full[r]["after_step"][1].keys()
         for name, value in full[r]["after_step"][1].items():
             assert torch.equal(resumed[r]["after_step"][0][name], value), (r, name)
         assert resumed[r]["records"] == full[r]["records"][1:] and resumed[r]["summary"] == full[r]["summary"]
+    return full
+
+
+def test_fsdp_value_head_checkpoint_resumes_exactly(ppo_runs):
+    """The value head shares the policy's optimizer: its sharded state is saved and restored with the policy's."""
+    assert ranks(ppo_runs, "head_fsdp")[0]["initial"].keys() == {"policy", "value_head"}
+    assert_resumed_exactly(ppo_runs, "head_fsdp")
+    assert any(k.startswith("optimizer.state.value_head.") for k in load_checkpoint(ppo_runs / "head_fsdp").sharded_keys())
+
+
+def test_fsdp_checkpoint_resumes_exactly_and_loads_on_one_process(ppo_runs, capsys):
+    from fastllm import cli
+
+    full = assert_resumed_exactly(ppo_runs, "ppo_fsdp")
     run = ppo_runs / "ppo_fsdp"
     ckpt = load_checkpoint(run)
     assert ckpt.sharded and ckpt.step == 2

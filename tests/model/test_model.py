@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from numerics import assert_matches_reference, on_backend
 
-from fastllm.model import GPT, GPTConfig, KVCache, from_hf, restrict_logits, sample_next
+from fastllm.model import GPT, GPTConfig, KVCache, decode, from_hf, restrict_logits, sample_next
 
 VOCAB = 61
 STYLES = {
@@ -286,6 +286,79 @@ def test_kv_cache_decodes_like_a_full_forward():
     torch.testing.assert_close(step[1, 0], model.hidden_states(torch.tensor([b + [10]]))[0, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 3], ids=["one_row", "rows"])  # the two CPU weight layouts
+@pytest.mark.parametrize("style", STYLES)
+def test_decoder_steps_equal_the_cached_forward(style, batch):
+    """decode.Decoder (kernels called directly, weights laid out for the batch, RoPE table, device positions)
+    gives the hidden states of GPT.hidden_states with a cache, step by step, rows of different lengths."""
+    model = _model(style)
+    prompts = PROMPTS[1:1 + batch]
+    assert decode.can_decode(model, torch.device("cpu"), torch.float32)
+    caches = [KVCache(model.config.n_layer, batch, 16) for _ in range(2)]
+    lengths = torch.tensor([len(p) for p in prompts])
+    packed = torch.tensor([[t for p in prompts for t in p]])
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    with torch.no_grad():
+        for cache in caches:
+            model.hidden_states(packed, cu_seqlens=cu, cache=cache)
+        decoder = decode.Decoder(model, caches[0])
+        tokens = torch.tensor([3, 14, 15])[:batch]
+        for _ in range(4):
+            expected = model.hidden_states(tokens[:, None], cache=caches[1])[:, 0]
+            torch.testing.assert_close(decoder.step(tokens), expected, atol=1e-5, rtol=1e-5)
+            tokens = (tokens * 7 + 1) % VOCAB
+    decoder.finish()
+    assert caches[0].lengths == caches[1].lengths == (lengths + 4).tolist()
+
+
+def test_decoder_weight_layouts_follow_weight_updates():
+    """The weight layouts kept between generate calls are redone when a weight changes in place (an optimizer
+    step) or is replaced (model.to), so generation always uses the current weights."""
+    model = _model("llama")
+    for batch in (1, 4):
+        prompts = PROMPTS[:batch]
+        model.generate(prompts, 3, temperature=0)  # lays the weights out
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-1.5)
+        assert model.generate(prompts, 8, temperature=0).tokens == model.generate(prompts, 8, temperature=0,
+                                                                                  use_cache=False).tokens
+    with torch.no_grad():  # a write that the version counter does not see (FSDP's all-gather writes so, too)
+        model.transformer.h[0].mlp.c_fc.weight.data.mul_(-1.0)
+    assert model.generate(PROMPTS, 8, temperature=0).tokens == model.generate(PROMPTS, 8, temperature=0,
+                                                                               use_cache=False).tokens
+    model = model.double().float()  # new tensors
+    assert model.generate(PROMPTS, 8, temperature=0).tokens == model.generate(PROMPTS, 8, temperature=0,
+                                                                               use_cache=False).tokens
+    decode.release_layouts(model)
+
+
+def test_sampling_is_reproducible_with_a_seed():
+    model = _model("llama")
+
+    def draw(seed):
+        out = model.generate(PROMPTS, 10, temperature=0.9, top_p=0.95, return_logprobs=True,
+                             generator=torch.Generator().manual_seed(seed))
+        return out.tokens, out.logprobs
+
+    (tokens, logprobs), (again, logprobs_again) = draw(5), draw(5)
+    assert tokens == again and all(torch.equal(a, b) for a, b in zip(logprobs, logprobs_again))
+    assert draw(6)[0] != tokens
+
+
+def test_max_new_tokens_and_finished_rows():
+    """A row that stops keeps exactly its tokens up to the stop while the others run to max_new_tokens; with no
+    stop every row gets exactly max_new_tokens, one new token included."""
+    model = _model("gpt2")
+    assert [len(t) for t in model.generate(PROMPTS, 1, temperature=0).tokens] == [1] * len(PROMPTS)
+    free = model.generate(PROMPTS, 10, temperature=0).tokens
+    stop = free[2][0]  # row 2 stops at once
+    out = model.generate(PROMPTS, 10, temperature=0, stop_tokens=stop)
+    for tokens, full, stopped in zip(out.tokens, free, out.stopped):
+        assert stopped == (stop in full) and tokens == (full[:full.index(stop) + 1] if stopped else full)
+    assert out.tokens[2] == [stop] and out.stopped[2]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Weights on disk
 # ---------------------------------------------------------------------------------------------------------
@@ -368,6 +441,8 @@ def test_import_from_hugging_face_matches_transformers(style, tmp_path):
     # and the batched sampling, and must still pick transformers' tokens.
     hf_tokens = hf.float().generate(idx, max_new_tokens=8, do_sample=False)[:, 13:].tolist()
     assert model.generate(idx, 8, temperature=0).tokens == hf_tokens
+    # One row: the decode step's other weight layout (decode.decode_linear).
+    assert model.generate(idx[:1], 8, temperature=0).tokens == hf_tokens[:1]
 
 
 def test_import_rejects_unsupported_checkpoints(tmp_path):
@@ -407,6 +482,9 @@ def test_import_rejects_unsupported_checkpoints(tmp_path):
     (lambda m: m.generate([[1]], 4, temperature=-1), "temperature"),
     (lambda m: m.generate([[1]], 4, top_k=0), "top_k"),
     (lambda m: m.generate([[1]], 4, top_p=0.0), "top_p"),
+    (lambda m: m.generate([[1]], 4, top_p=1.5), r"top_p must be None or a number in \(0, 1\], got 1.5"),
+    (lambda m: m.generate([[1]], 4, temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (lambda m: m.generate([[1]], 4, temperature=float("inf")), "temperature"),
     (lambda m: m.generate([[1]], 4, stop_tokens=[VOCAB]), "stop token 61"),
     (lambda m: m.generate([[1]], 4, stop_tokens="x"), "stop token 'x'"),
     (lambda m: m.hidden_states(torch.zeros(3, 1, dtype=torch.long), cache=KVCache(2, 2, 8)), "cache holds 2"),

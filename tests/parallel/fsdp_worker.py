@@ -21,7 +21,8 @@ from safetensors.torch import save_file
 from fastllm.train import TrainingInterrupted, build_optimizer
 from fastllm.train import checkpoint as ckpt_module
 from fastllm.train.distributed import init_distributed
-from fastllm.train.parallel import full_state_dict, head_weight, local_bytes, parallelize, unsharded
+from fastllm.train.parallel import (GlooAllGather, GlooReduceScatter, full_state_dict, head_weight, local_bytes,
+                                    parallelize, unsharded)
 from runs import (CLI_PRETRAIN, STEPS, config, head_loss, pretrain_run, reference_head_grads, rows, run_stages,
                   tiny_gpt)
 
@@ -81,6 +82,31 @@ def fused_losses(dist):
             raised[preset] = f"{type(e).__name__}: {e}"
         model.zero_grad(set_to_none=True)
     return errors, raised
+
+
+def gloo_collectives(dist):
+    """GlooAllGather / GlooReduceScatter (FSDP's collectives on gloo) against torch's own, on odd sizes: the
+    all-gather bit for bit (also as an async Work), the reduce-scatter (sum, average) to fp32 rounding."""
+    import torch.distributed as torch_dist
+
+    group, out = torch_dist.group.WORLD, {}
+    g = torch.Generator().manual_seed(dist.rank)
+    shard = torch.randn(1001, generator=g)
+    expected, got = torch.empty(1001 * dist.world_size), torch.empty(1001 * dist.world_size)
+    torch_dist.all_gather_into_tensor(expected, shard)
+    GlooAllGather()(got, shard, group)
+    out["all_gather"] = torch.equal(got, expected)
+    got.zero_()
+    work = GlooAllGather()(got, shard, group, async_op=True)
+    work.wait()
+    out["all_gather_async"] = isinstance(work, torch_dist.Work) and torch.equal(got, expected)
+    full = torch.randn(777 * dist.world_size, generator=g)
+    for name, op in (("sum", torch_dist.ReduceOp.SUM), ("avg", torch_dist.ReduceOp.AVG)):
+        expected, got = torch.empty(777), torch.empty(777)
+        torch_dist.reduce_scatter_tensor(expected, full.clone(), op=torch_dist.ReduceOp.SUM)
+        GlooReduceScatter()(got, full, group, op)
+        out[f"reduce_scatter_{name}"] = (got - expected / (dist.world_size if name == "avg" else 1)).abs().max().item()
+    return out
 
 
 def generation(dist):
@@ -184,6 +210,7 @@ def main(out, phase):
         results["memory"] = memory(dist)
         results["fused_errors"], results["fused_raised"] = fused_losses(dist)
         results["generation"] = generation(dist)
+        results["gloo_collectives"] = gloo_collectives(dist)
         results["several_models_checkpoint"] = several_models_checkpoint(dist, out / "ppo-like" / "checkpoints")
         results["hugging_face"] = hugging_face(dist)
     elif phase == "kill":

@@ -87,8 +87,9 @@ def run_stages(out, world_size):
         val_fraction=0)
     train_reward_model(stage_config(Path(out) / "reward", world_size), model=tiny_gpt("llama"),
                        pairs=preference_pairs(), val_fraction=0)
+    # held-out pairs: the margins after training come from the sharded reference, gathered onto rank 0
     dpo(stage_config(Path(out) / "dpo", world_size, lr=3e-3), model=tiny_gpt("gpt2"), pairs=preference_pairs(),
-        val_fraction=0)
+        val_fraction=0.2)
 
 
 # ---------------------------------------------------------------------------------------------------------

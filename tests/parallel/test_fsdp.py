@@ -85,6 +85,16 @@ def test_stages_through_the_trainer_equal_one_process(runs, single, stage):
     if stage == "reward":  # chosen - rejected cancels the head's bias: its gradient is rounding noise alone
         del got["head.bias"], expected["head.bias"]
     torch.testing.assert_close(got, expected, **WEIGHT_TOL)
+    if stage == "dpo":  # held-out margins against the reference (sharded under fsdp, gathered for the eval)
+        got, expected = (held_out_margins(run / stage) for run in (out, single))
+        assert got.keys() == expected.keys() and "implicit_margin" in got
+        assert got == pytest.approx(expected, rel=LOSS_RTOL, abs=1e-6)
+
+
+def held_out_margins(out):
+    with open(out / "dpo.jsonl") as f:
+        (record,) = [r for r in map(json.loads, f) if r["kind"] == "dpo_eval"]
+    return {k: v for k, v in record.items() if isinstance(v, float)}
 
 
 def test_bf16_policy_and_activation_checkpointing(runs, single):
@@ -121,6 +131,13 @@ def test_what_a_ppo_loop_needs_on_sharded_models(runs):
     results = runs[1]
     assert results["generation"] == {"equal": True, "resharded_after": True}
     assert results["several_models_checkpoint"] is True
+
+
+def test_gloo_collectives_equal_torchs(runs):
+    """FSDP's all-gather and reduce-scatter on gloo, rebuilt from broadcast and send/recv (faster there)."""
+    got = runs[1]["gloo_collectives"]
+    assert got["all_gather"] is True and got["all_gather_async"] is True
+    assert got["reduce_scatter_sum"] < 1e-6 and got["reduce_scatter_avg"] < 1e-6, got
 
 
 def test_patched_hugging_face_llama_under_fsdp_gives_unsharded_losses(runs):

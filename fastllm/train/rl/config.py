@@ -106,9 +106,6 @@ class PPOConfig:
         one_of("tis", TIS_CHOICES)
         one_of("partial_batch", ("error", "warn"))
         one_of("parallel", ("ddp", "fsdp"))
-        need(not (self.parallel == "fsdp" and self.uses_critic and self.critic == "head"), "critic",
-             "'separate' with parallel='fsdp' (a value head shares the policy's optimizer, which is not sharded "
-             "per model yet)")
         need(self.advantage not in GROUPED or self.group_size >= 2, "group_size",
              f">= 2 with advantage={self.advantage!r}")
         need(not self.dynamic_sampling or self.group_size >= 2, "group_size", ">= 2 with dynamic_sampling")

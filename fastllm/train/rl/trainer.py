@@ -130,6 +130,8 @@ class PPOTrainer:
             if m is not None:
                 parallelize(m, cfg.parallel, local, activation_checkpointing=cfg.activation_checkpointing)
         parallelize(self.ref, cfg.parallel, local)
+        if value_head is not None and self.sharded:  # its own FSDP unit: its gradient is averaged in the backward
+            parallelize(value_head, "fsdp", self.dist)
         critic_optimizer = _adamw([critic_model], cfg, cfg.critic_lr) if critic_model is not None else None
         trained = [self.policy] + ([value_head] if value_head is not None else [])
         self.learner = Learner(self.policy, _adamw(trained, cfg, cfg.lr), value_head, critic_model, critic_optimizer,
@@ -180,6 +182,13 @@ class PPOTrainer:
             optimizers["critic_optimizer"] = self.learner.critic_optimizer
         return models, optimizers
 
+    def _optimizer_owners(self):
+        """The module whose parameter names key each optimizer's sharded state: the policy, or the policy and the
+        value head together when the head shares its optimizer."""
+        policy = (self.policy if self.value_head is None
+                  else nn.ModuleDict({"model": self.policy, "value_head": self.value_head}))
+        return {"optimizer": policy, "critic_optimizer": self.critic}
+
     def save(self) -> Optional[Path]:
         models, optimizers = self._trained_models()
         state = {"step": self.step, "kl_coef": self.kl_coef, "config": self.config.to_dict(),
@@ -188,7 +197,7 @@ class PPOTrainer:
         if self.sharded:  # every process writes its shards
             self.last_checkpoint = save_sharded_checkpoint(self.out_dir / "checkpoints", self.step, dist=self.dist,
                                                            models=models, optimizers=optimizers,
-                                                           owners={"critic_optimizer": "critic"}, **common)
+                                                           owners=self._optimizer_owners(), **common)
         elif self.dist.is_main:
             self.last_checkpoint = save_checkpoint(self.out_dir / "checkpoints", self.step, models=models,
                                                    optimizers=optimizers, **common)
@@ -207,7 +216,7 @@ class PPOTrainer:
         models, optimizers = self._trained_models()
         for name, module in models.items():
             ckpt.load_model(module, name)
-        owners = {"optimizer": self.policy, "critic_optimizer": self.critic}
+        owners = self._optimizer_owners()
         for name, opt in optimizers.items():  # a sharded checkpoint (any number of processes) needs the owner
             ckpt.load_optimizer(opt, name, model=owners[name] if ckpt.sharded else None)
         self.step, self.kl_coef = ckpt.state["step"], ckpt.state["kl_coef"]
