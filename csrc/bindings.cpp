@@ -10,7 +10,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("logit_stats_forward", &fastllm::logit_stats_forward, py::arg("x"), py::arg("labels"),
         py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("want_sum"), py::arg("want_entropy"));
   m.def("logit_stats_backward", &fastllm::logit_stats_backward, py::arg("x"), py::arg("labels"),
-        py::arg("lse"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"), py::arg("inv_temperature"));
+        py::arg("lse"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"), py::arg("inv_temperature"),
+        py::arg("out") = py::none());
 
   // norm family
   m.def("norm_forward", &fastllm::norm_forward, py::arg("x"), py::arg("residual"), py::arg("weight"),

@@ -23,11 +23,11 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> logit_sta
 
 // dx = inv_temperature * (p * (a + b * (z - lse)) + c * onehot(label) + d), p = exp(z - lse); lse fp64 from
 // the forward, per-row fp32 coefficients, b/c/d optional (absent = 0). Labels outside [0, cols) get no one-hot
-// term.
+// term. Written into `out` if given, which may be x itself.
 torch::Tensor logit_stats_backward(
     const torch::Tensor& x, const std::optional<torch::Tensor>& labels, const torch::Tensor& lse,
     const torch::Tensor& a, const std::optional<torch::Tensor>& b, const std::optional<torch::Tensor>& c,
-    const std::optional<torch::Tensor>& d, double inv_temperature);
+    const std::optional<torch::Tensor>& d, double inv_temperature, const std::optional<torch::Tensor>& out);
 
 // ---- norm family (cpu/norm.cpp) ----
 // LayerNorm (rms=false) or RMSNorm (rms=true) over the last dimension of x (rows, cols), with an optional

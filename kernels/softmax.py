@@ -255,6 +255,13 @@ def _check_rows(name, x):
         raise ValueError(f"{name} must be float32, float16 or bfloat16; got {x.dtype}")
 
 
+def _checked_out(out, x):
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(x.shape)} {x.dtype} tensor on {x.device} (x's); got "
+                         f"shape {tuple(out.shape)} {out.dtype} on {out.device}, contiguous={out.is_contiguous()}")
+    return out
+
+
 def _row_vector(name, t, rows, dtype):
     """t as a contiguous (rows,) tensor: autograd hands over expanded gradients (stride 0), so copy N values
     rather than reject them."""
@@ -343,14 +350,15 @@ def logit_stats_forward(x, labels, inv_temperature, ignore_index, want_sum, want
     return lse, target, sum_z, entropy
 
 
-def logit_stats_backward(x, labels, lse, a, b, c, d, inv_temperature):
+def logit_stats_backward(x, labels, lse, a, b, c, d, inv_temperature, out=None):
     """dx = inv_temperature * (p * (a + b * (z - lse)) + c * onehot(label) + d), with z = x * inv_temperature
     and p = exp(z - lse), so z - lse = log p; lse is the forward's fp64 (rows,), a, b, c, d are fp32 (rows,)
     coefficients, b/c/d None meaning 0.
 
     Covers the gradient of every loss built on logit_stats_forward (cross-entropy, z-loss, entropy bonus).
     Labels outside [0, cols) (ignore_index) get no one-hot term, and neither does anything without labels.
-    Returns dx: (rows, cols) in x's dtype.
+    Returns dx: (rows, cols) in x's dtype; written into `out` if given (x itself allowed: each block of a row is
+    read before it is written, so the fused heads need one chunk of logits, not two).
     """
     _check_rows("x", x)
     rows, cols = x.shape
@@ -360,7 +368,7 @@ def logit_stats_backward(x, labels, lse, a, b, c, d, inv_temperature):
     has_c = c is not None and labels is not None
     if has_c:
         labels = _row_vector("labels", labels, rows, torch.int64)
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if out is None else _checked_out(out, x)
     if rows and cols:
         absent = _absent(x, torch.float32)
         block = block_size(cols)

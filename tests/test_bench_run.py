@@ -109,5 +109,7 @@ def test_bench_generate_quick(tmp_path):
     assert {(r["batch"], r["mode"]) for r in report["speed"]} == {(2, "greedy"), (2, "sampled")}
     for row in report["speed"]:
         assert row["hf_tokens_per_s"] > 0 and row["fastllm_tokens_per_s"] > 0
-    split = report["decode_step"]["ms_per_step"]
-    assert split["matmuls"] > 0 and "python, dispatch, profiler (wall - ops)" in split
+    assert [split["batch"] for split in report["decode_step"]] == [2]  # one split per batch size
+    for split in report["decode_step"]:
+        assert split["wall_ms_per_step"] > 0
+        assert split["ms_per_step"]["matmuls"] > 0 and "rest: prefill, Python (wall - sections)" in split["ms_per_step"]

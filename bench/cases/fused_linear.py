@@ -79,6 +79,9 @@ OPS = {
                               chunked_linear_token_logprobs),
     "linear_cross_entropy": (eager_linear_cross_entropy, fastllm_linear_cross_entropy, chunked_linear_cross_entropy),
     "linear_ppo_loss": (eager_linear_ppo_loss, fastllm_linear_ppo_loss, None),
+    # scoring rollouts (PPO's old and reference log-probs): nothing requires grad, so only the forward runs
+    "linear_token_logprobs_no_grad": (eager_linear_token_logprobs, fastllm_linear_token_logprobs,
+                                      chunked_linear_token_logprobs),
 }
 NATIVE_PEER = "F.linear_cross_entropy[chunked]"
 
@@ -92,14 +95,18 @@ def _flops(tokens, hidden, vocab):
     return Cost(forward=one_matmul, forward_backward=3 * one_matmul)
 
 
-def _inputs(tokens, hidden, vocab):
+def _inputs(tokens, hidden, vocab, requires_grad=True):
     def make_inputs(device, dtype):
         generator = torch.Generator(device).manual_seed(0)
         hidden_states = torch.randn(tokens, hidden, generator=generator, device=device, dtype=dtype)
         weight = torch.randn(vocab, hidden, generator=generator, device=device, dtype=dtype) * hidden ** -0.5
         labels = torch.randint(0, vocab, (tokens,), generator=generator, device=device)
-        return hidden_states.requires_grad_(), weight.requires_grad_(), labels
+        return hidden_states.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), labels
     return make_inputs
+
+
+def _no_grad_inputs(tokens, hidden, vocab):
+    return _inputs(tokens, hidden, vocab, requires_grad=False)
 
 
 def _ppo_inputs(tokens, hidden, vocab):
@@ -119,7 +126,8 @@ def _ppo_inputs(tokens, hidden, vocab):
     return make_inputs
 
 
-INPUTS = {"linear_token_logprobs": _inputs, "linear_cross_entropy": _inputs, "linear_ppo_loss": _ppo_inputs}
+INPUTS = {"linear_token_logprobs": _inputs, "linear_cross_entropy": _inputs, "linear_ppo_loss": _ppo_inputs,
+          "linear_token_logprobs_no_grad": _no_grad_inputs}
 
 
 def _shapes(device, quick):

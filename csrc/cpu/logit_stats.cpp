@@ -69,6 +69,10 @@ void logit_stats_backward_kernel(const scalar_t* x, int64_t rows, int64_t cols, 
       const acc_t lse_lo = static_cast<acc_t>(lse[r] - static_cast<double>(lse_hi));
       const Vec vs(s), vsa(sa), vsb(sb), vsd(sd), vlse_hi(lse_hi), vlse_lo(lse_lo), vlowest(lowest);
       const bool stream = stream_row(stream_dx, dx_row);
+      // Read before the row is written: dx may be x itself (each staged chunk is read before it is stored).
+      const int64_t label = labels == nullptr ? -1 : labels[r];
+      const bool has_label = label >= 0 && label < cols;
+      const acc_t label_logit = has_label ? static_cast<acc_t>(row[label]) : acc_t(0);
       for_each_chunk(row, cols, kNegInf<acc_t>, buf, [&](const Chunk<acc_t>& chunk) {
         store_chunk(dx_row + chunk.begin, chunk.n, [&](int64_t i) {
           // z rounded to acc_t, exactly as in the forward's max and exp passes.
@@ -79,9 +83,8 @@ void logit_stats_backward_kernel(const scalar_t* x, int64_t rows, int64_t cols, 
         }, stream);
       });
       // The one-hot term goes into the label's gradient before rounding, not onto its rounded value.
-      const int64_t label = labels == nullptr ? -1 : labels[r];
-      if (label >= 0 && label < cols) {
-        const acc_t w = (static_cast<acc_t>(row[label]) * s - lse_hi) - lse_lo;
+      if (has_label) {
+        const acc_t w = (label_logit * s - lse_hi) - lse_lo;
         const acc_t p = std::exp(w);
         dx_row[label] = static_cast<scalar_t>(std::fma(p * sb, std::max(w, lowest), std::fma(p, sa, sd)) + sc);
       }
@@ -154,7 +157,7 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor> logit_sta
 torch::Tensor logit_stats_backward(
     const torch::Tensor& x, const std::optional<torch::Tensor>& labels, const torch::Tensor& lse,
     const torch::Tensor& a, const std::optional<torch::Tensor>& b, const std::optional<torch::Tensor>& c,
-    const std::optional<torch::Tensor>& d, double inv_temperature) {
+    const std::optional<torch::Tensor>& d, double inv_temperature, const std::optional<torch::Tensor>& out) {
   constexpr const char* op = "logit_stats_backward";
   check_matrix(x, op, "x");
   const int64_t rows = x.size(0), cols = x.size(1);
@@ -168,7 +171,17 @@ torch::Tensor logit_stats_backward(
   const RowCoefficients coef{checked_a.data_ptr<float>(), data_or_null<float>(checked_b),
                              data_or_null<float>(checked_c), data_or_null<float>(checked_d)};
 
-  auto dx = torch::empty_like(x);
+  torch::Tensor dx;
+  if (out.has_value()) {
+    dx = *out;
+    TORCH_CHECK(dx.device().is_cpu() && dx.sizes() == x.sizes() && dx.scalar_type() == x.scalar_type() &&
+                    dx.is_contiguous(),
+                op, ": out must be a contiguous CPU tensor of x's shape ", x.sizes(), " and dtype ", x.scalar_type(),
+                ", got device ", dx.device(), ", shape ", dx.sizes(), ", dtype ", dx.scalar_type(),
+                ", contiguous ", dx.is_contiguous());
+  } else {
+    dx = torch::empty_like(x);
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
     logit_stats_backward_kernel<scalar_t>(x.data_ptr<scalar_t>(), rows, cols, data_or_null<int64_t>(checked_labels),
                                           checked_lse.data_ptr<double>(), coef, inv_temperature,

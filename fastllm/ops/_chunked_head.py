@@ -7,9 +7,9 @@ With hidden (N, H), weight (V, H), z = logits / T:
         logits  = hidden[rows] @ weight.T + bias                    (C, V): a matmul, MKL/oneDNN or cuBLAS
         lse, z[label], sum(z), entropy = logit_stats_forward(logits)     one read of the chunk
         a, b, c, d = on_chunk(the statistics): the loss's per-row coefficients
-        dlogits = logit_stats_backward(logits, a, b, c, d)          (C, V): p (a + b log p) + c onehot + d
+        dlogits = logit_stats_backward(logits, a, b, c, d)          (C, V), in place: p (a + b log p) + c onehot + d
         grad_hidden[rows] = dlogits @ weight;  grad_weight += dlogits.T @ hidden[rows];  grad_bias += sum(dlogits)
-        (the chunk's logits and dlogits are freed before the next chunk)
+        (one (C, V) buffer serves every chunk's logits and then their gradient)
 
 Precision. The matmuls run in the projection's compute dtype: the inputs' own, or under torch.autocast the
 autocast dtype F.linear casts to. Then the weight (and bias) are cast once per call (a V x H copy, freed when
@@ -28,7 +28,7 @@ import torch
 from ._common import kernels
 
 SOFTMAX = "softmax"  # the kernel family whose row-statistics kernels every chunk runs
-CHUNK_BYTES = 128 * 2**20  # most bytes of logits in one chunk, unless chunk_size says otherwise
+CHUNK_BYTES = 64 * 2**20  # most bytes of logits in one chunk, unless chunk_size says otherwise
 WIDE_BYTES = 16 * 2**20  # most bytes of one vocabulary slice of a chunk's gradient upcast to a wider dtype
 
 
@@ -204,7 +204,8 @@ def run_chunks(backend, projection, chunks, on_chunk, *, want_sum=False, want_en
         coefficients = on_chunk(index, ranges, labels, *stats)
         if coefficients is None or not grads.wanted:
             continue
-        dlogits = softmax_kernels.logit_stats_backward(logits, labels, stats[0], *coefficients, inv_temperature)
+        # over the logits themselves: one chunk of (C, V) is all the head ever holds
+        dlogits = softmax_kernels.logit_stats_backward(logits, labels, stats[0], *coefficients, inv_temperature,
+                                                       out=logits)
         grads.add(ranges, hidden, dlogits)
-        del dlogits  # before the next chunk's: at most two chunks of logits are alive at once
     return grads.result()

@@ -347,12 +347,23 @@ def _one_pass_fake(hidden, weight, bias, want_grads, n_stats):
 
 def _one_pass_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # else autograd fills zero "gradients" for the returned grads: V x H zeros
     ctx.save_for_backward(*output[2:])
 
 
+def _scaled(grad, grad_loss):
+    # In place on plain tensors only: a traced backward (torch.compile, AOT autograd) may not mutate what the
+    # forward saved, and its compiled graph plans the memory itself.
+    if type(grad) is torch.Tensor and type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling():
+        return grad.mul_(grad_loss)
+    return grad_loss * grad
+
+
 def _one_pass_grad(ctx, grad_loss, *unused):
-    """The gradients were computed in the forward for a loss of 1: scale them by the incoming gradient."""
-    scaled = tuple(grad_loss * grad if needed else None
+    """The gradients were computed in the forward for a loss of 1: scale them by the incoming gradient, in place
+    and handed over (a scaled copy of the V x H weight gradient would be the step's largest tensor). A second
+    backward through the same graph then fails in autograd (saved tensor modified in place), never scales twice."""
+    scaled = tuple(_scaled(grad, grad_loss) if needed else None
                    for grad, needed in zip(ctx.saved_tensors, ctx.needs_input_grad[:3]))
     return scaled + (None,) * (len(ctx.needs_input_grad) - 3)
 

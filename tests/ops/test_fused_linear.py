@@ -325,6 +325,30 @@ def test_no_logits_sized_allocation(op):
     assert largest <= rows * vocab * 4 // 4, f"an allocation of {largest} bytes; the logits are {rows * vocab * 4}"
 
 
+def test_scalar_loss_backward_hands_over_its_gradients():
+    """A scalar loss's backward allocates nothing near the weight's size: the gradients made in the forward are
+    scaled in place and become .grad (no zero gradients filled in for the op's extra outputs, no scaled copy),
+    and a second backward through the same graph is refused rather than scaled twice."""
+    rows, vocab = 64, 4096
+    hidden, weight, _, labels = make_projection((rows,), 16, vocab, torch.float32, bias=False)
+    h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    with on_backend("cpp"):
+        loss = ops.linear_cross_entropy(h, w, labels, chunk_size=rows // 8)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        (loss * 3).backward()
+    largest = max((e.cpu_memory_usage for e in prof.events() if e.name.startswith("aten::")), default=0)
+    assert largest < w.numel() * 4 // 4, f"the backward allocated {largest} bytes; the weight is {w.numel() * 4}"
+    h64, w64 = hidden.double().requires_grad_(True), weight.double().requires_grad_(True)
+    (reference.linear_cross_entropy(h64, w64, labels) * 3).backward()
+    torch.testing.assert_close(w.grad, w64.grad.float(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(h.grad, h64.grad.float(), rtol=1e-4, atol=1e-6)
+    with on_backend("cpp"):
+        loss = ops.linear_cross_entropy(h, w, labels, chunk_size=rows // 8)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_automatic_chunk_size():
     """A chunk of logits stays within CHUNK_BYTES, and chunks are as even as possible."""
     most = fused_linear.chunk_rows(50257, torch.float32)

@@ -238,3 +238,24 @@ def test_kernel_backward_allocates_only_the_gradient():
     big = [e for e in prof.events() if e.cpu_memory_usage >= logits.numel() * 4]
     assert len(big) >= 1, "the gradient itself should be a logits-sized allocation"
     assert sum(e.cpu_memory_usage for e in big if "logit_stats_backward" in e.name) <= logits.numel() * 4
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=backend_id)
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES, ids=[b for b, _ in KERNEL_BACKEND_DEVICES])
+def test_logit_stats_backward_in_place(backend, device, dtype):
+    """out=x (how the fused heads reuse their one chunk of logits) writes exactly the out-of-place gradient,
+    the label column included; a wrong out is refused."""
+    from fastllm.ops._common import kernels
+
+    launchers = kernels(backend, "softmax")
+    logits, labels = make_inputs((9, 5003), dtype, device)
+    labels[1], labels[2] = 0, 5002  # the first and last columns: read before their rows are overwritten
+    lse = torch.logsumexp(logits.double() * 0.8, -1)
+    a, b, c, d = (torch.randn(9, device=device) for _ in range(4))
+    expected = launchers.logit_stats_backward(logits, labels, lse, a, b, c, d, 0.8)
+    in_place = logits.clone()
+    result = launchers.logit_stats_backward(in_place, labels, lse, a, b, c, d, 0.8, out=in_place)
+    assert result.data_ptr() == in_place.data_ptr()
+    assert torch.equal(in_place, expected)
+    with pytest.raises((ValueError, RuntimeError), match="out must be a contiguous"):
+        launchers.logit_stats_backward(logits, labels, lse, a, b, c, d, 0.8, out=logits[:, :100])
