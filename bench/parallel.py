@@ -2,7 +2,7 @@
 
     python -m bench.parallel                      # ~50M-parameter Llama-style GPT, writes its bench/RESULTS.md section
     python -m bench.parallel --steps 3 --out /tmp/parallel.md    # a quick run elsewhere
-    python -m bench.parallel --modes ddp,fsdp-gloo-native,fsdp --rounds 2   # + FSDP on gloo's own collectives
+    python -m bench.parallel --modes ddp,fsdp-gloo-native,fsdp-gloo-tcp,fsdp --rounds 2   # + FSDP's other collectives
 
 Each mode runs in its own `torchrun --nproc_per_node=2` launch (gloo on CPU, nccl on GPU; 1 thread per process
 on CPU) so its peak memory is its own: the model is built, wrapped by fastllm.train.parallel.parallelize, and
@@ -36,12 +36,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS_MD = os.path.join(REPO, "bench", "RESULTS.md")
 SECTION = "parallel"
 MODES = {"ddp": ("ddp", False), "fsdp": ("fsdp", False), "fsdp+ac": ("fsdp", True),
-         "fsdp-gloo-native": ("fsdp", False)}  # (not by default) FSDP on gloo's own all-gather and reduce-scatter
+         # not by default: FSDP on gloo's own all-gather and reduce-scatter, and on fastllm's TCP ones (what
+         # it uses across hosts) instead of shared memory
+         "fsdp-gloo-native": ("fsdp", False), "fsdp-gloo-tcp": ("fsdp", False)}
 DEFAULT_MODES = "ddp,fsdp,fsdp+ac"
 MODEL = dict(vocab_size=8192, n_layer=13, n_head=8, n_embd=512, block_size=128)
 
 
-def build(mode: str, activation_checkpointing: bool, dist, native_collectives: bool = False):
+def build(mode: str, activation_checkpointing: bool, dist, collectives: str = "fastllm"):
     from fastllm.model import GPT, GPTConfig
     from fastllm.train.parallel import fsdp_modules, parallelize
 
@@ -52,12 +54,16 @@ def build(mode: str, activation_checkpointing: bool, dist, native_collectives: b
     with torch.device("meta"):
         model = GPT(config)
     trained = parallelize(model, mode, dist, activation_checkpointing=activation_checkpointing)
-    if native_collectives:  # undo fastllm's gloo collectives: the baseline they are measured against
+    if collectives != "fastllm":  # the baselines fastllm's shared-memory collectives are measured against
         from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 
+        from fastllm.train.collectives import GlooAllGather, GlooReduceScatter
+
+        all_gather, reduce_scatter = ((DefaultAllGather(), DefaultReduceScatter()) if collectives == "native"
+                                      else (GlooAllGather(), GlooReduceScatter()))
         for m in fsdp_modules(model):
-            m.set_custom_all_gather(DefaultAllGather())
-            m.set_custom_reduce_scatter(DefaultReduceScatter())
+            m.set_custom_all_gather(all_gather)
+            m.set_custom_reduce_scatter(reduce_scatter)
     model.to_empty(device=dist.device)
     with torch.no_grad():  # each process initialises its own shards (values do not matter here)
         for p in model.parameters():
@@ -78,7 +84,8 @@ def worker(args) -> None:
     # otherwise keep every freed all-gather buffer's pages).
     harness.mmap_large_allocations()
     peak = harness.PeakMemory(dist.device).__enter__()
-    model, trained = build(mode, checkpointing, dist, native_collectives=args.worker == "fsdp-gloo-native")
+    collectives = {"fsdp-gloo-native": "native", "fsdp-gloo-tcp": "tcp"}.get(args.worker, "fastllm")
+    model, trained = build(mode, checkpointing, dist, collectives)
     optimizer = build_optimizer(model, TrainConfig(lr=1e-4, warmup_steps=0))
     g = torch.Generator().manual_seed(dist.rank)
     x = torch.randint(0, MODEL["vocab_size"], (args.batch_size, MODEL["block_size"]), generator=g).to(dist.device)
@@ -187,12 +194,13 @@ def format_section(rows: list[dict], machine: dict, command: str, args, load_sta
         "- Peak = the resident set's high-water mark above the process's footprint before the model existed "
         "(includes activations, DDP's gradient buckets and FSDP's gathered blocks); the counted column is "
         "parameters + gradients + AdamW state from the local shards.",
-        "- FSDP's collectives on gloo are fastllm's (fastllm.train.parallel.GlooAllGather: one broadcast per rank; "
-        "GlooReduceScatter: direct send/recv), faster there than gloo's all_gather_into_tensor and "
-        "reduce_scatter_tensor. What bounds FSDP's speed: each rank sends 1.4x DDP's bytes per step (every block "
-        "all-gathered in forward and again in backward, gradients reduce-scattered, vs one all-reduce), through "
-        "loopback TCP on the cores that compute, and FSDP2 runs them synchronously on CPU (no streams), so they "
-        "add to the step where DDP's bucketed all-reduce overlaps the backward in gloo's threads.",
+        "- FSDP's collectives on gloo are fastllm's (fastllm.train.collectives): between the processes of one "
+        "host through a 16 MiB shared-memory mailbox (fsdp), across hosts from gloo's broadcast and send/recv "
+        "(fsdp-gloo-tcp, here over loopback TCP); gloo's own all_gather_into_tensor and reduce_scatter_tensor "
+        "are fsdp-gloo-native. What bounds FSDP's speed: each rank moves 1.4x DDP's bytes per step (every "
+        "block all-gathered in forward and again in backward but the last, gradients reduce-scattered, vs one "
+        "all-reduce), on the cores that compute, and FSDP2 runs them synchronously on CPU (no streams), so "
+        "they add to the step where DDP's bucketed all-reduce overlaps the backward in gloo's threads.",
         "- CPU s / step / rank: this process's CPU time (compute and gloo's threads) per step: less sensitive to "
         "the other jobs' load than the wall-clock columns.",
         f"<!-- /bench:{SECTION} -->",

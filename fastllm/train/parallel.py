@@ -9,7 +9,8 @@ fsdp  FSDP2 (torch.distributed.fsdp.fully_shard): each transformer block, then t
       state. A block's parameters are all-gathered just before its forward (and again for its backward) and
       freed after; gradients are reduce-scattered (averaged, in fp32 with bf16 parameters). The root group
       (embeddings, final norm, output head) stays gathered from its forward to the end of the backward.
-      On gloo (CPU) the all-gather and reduce-scatter are GlooAllGather / GlooReduceScatter below.
+      On gloo (CPU) the all-gather and reduce-scatter are fastllm.train.collectives' (shared memory between
+      the processes of one host, gloo's broadcast and send/recv across hosts).
 
 A transformer block is each child of an nn.ModuleList whose children are all one class (GPT's transformer.h,
 a Hugging Face model's model.layers); pass blocks= for another layout.
@@ -45,8 +46,11 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from fastllm.train.collectives import fsdp_collectives
+
 PARALLEL_MODES = ("ddp", "fsdp")
 _SKELETONS = weakref.WeakKeyDictionary()  # sharded model -> its unsharded structure on the meta device
+_RESHARD_AFTER_FORWARD = weakref.WeakKeyDictionary()  # FSDP module -> its setting, restored after `unsharded`
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
@@ -114,73 +118,21 @@ def parallelize(model: nn.Module, mode: str, dist, *, precision: str = "fp32", a
     policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if precision == "bf16"
               else MixedPrecisionPolicy())
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=policy)
+        # The last block's backward comes right after its forward: resharding it in between would only
+        # gather it again (as torchtitan does; one all-gather less per step, no higher peak).
+        _RESHARD_AFTER_FORWARD[block] = block is not blocks[-1]
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=_RESHARD_AFTER_FORWARD[block])
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    _RESHARD_AFTER_FORWARD[model] = False  # FSDP2's default for the root
     if torch_dist.get_backend() == "gloo":
+        all_gather, reduce_scatter = fsdp_collectives(mesh.get_group())
         for m in fsdp_modules(model):
-            m.set_custom_all_gather(GlooAllGather())
-            m.set_custom_reduce_scatter(GlooReduceScatter())
+            m.set_custom_all_gather(all_gather)
+            m.set_custom_reduce_scatter(reduce_scatter)
     for name in forward_methods:
         if callable(getattr(model, name, None)):
             register_fsdp_forward_method(model, name)
     return model
-
-
-# gloo's all_gather_into_tensor and reduce_scatter_tensor move a sharded block's bytes 2-5x slower than
-# its broadcast and send/recv (bench/RESULTS.md, "Data parallelism"), and FSDP runs one of each per block per
-# step: on gloo its collectives are rebuilt from those.
-
-class GlooAllGather:
-    """FSDP2 all-gather as one broadcast per rank (rank i's shard into chunk i of the output)."""
-
-    def allocate(self, size, *, dtype, device):
-        return torch.empty(*size, dtype=dtype, device=device)
-
-    def __call__(self, output_tensor, input_tensor, group, async_op=False):
-        chunks = output_tensor.chunk(group.size())
-        chunks[group.rank()].copy_(input_tensor)
-        works = [torch_dist.broadcast(chunk, group=group, group_src=i, async_op=True) for i, chunk in enumerate(chunks)]
-        return _joined(works, async_op)
-
-
-class GlooReduceScatter:
-    """FSDP2 reduce-scatter (sum or average) as direct send/recv: each rank sends chunk j of its input to rank
-    j and adds what it receives into its own chunk. Synchronous, as FSDP2 calls it on CPU: finishing it later
-    in the backward (overlapped with the next blocks) kept every block's buffers alive meanwhile, +97 MiB per
-    rank on the 50M-parameter bench for no measurable speed."""
-
-    def allocate(self, size, *, dtype, device):
-        return torch.empty(*size, dtype=dtype, device=device)
-
-    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-        if op not in (torch_dist.ReduceOp.SUM, torch_dist.ReduceOp.AVG):
-            raise NotImplementedError(f"GlooReduceScatter: op must be SUM or AVG, got {op}")
-        world, rank = group.size(), group.rank()
-        chunks = input_tensor.chunk(world)
-        received = torch.empty((world - 1, output_tensor.numel()), dtype=output_tensor.dtype,
-                               device=output_tensor.device)
-        others = [r for r in range(world) if r != rank]
-        ops = [torch_dist.P2POp(torch_dist.isend, chunks[r], group=group, group_peer=r) for r in others]
-        ops += [torch_dist.P2POp(torch_dist.irecv, buf, group=group, group_peer=r) for buf, r in zip(received, others)]
-        _joined(torch_dist.batch_isend_irecv(ops), False)
-        rows = list(received)
-        rows.insert(rank, chunks[rank])  # summed in rank order: the same rounding whichever rank owns the chunk
-        output_tensor.copy_(rows[0])
-        for row in rows[1:]:
-            output_tensor.add_(row)
-        if op == torch_dist.ReduceOp.AVG:
-            output_tensor.div_(world)
-        return _joined([], async_op)
-
-
-def _joined(works, async_op):
-    """Wait for `works` now (returns None), or one Work that completes with all of them (async_op)."""
-    if not async_op:
-        for work in works:
-            work.wait()
-        return None
-    future = torch.futures.collect_all([w.get_future() for w in works])
-    return torch._C._distributed_c10d._create_work_from_future(future)
 
 
 def uses_autocast(mode: str, dist, precision: str) -> bool:
@@ -252,7 +204,7 @@ def unsharded(model: nn.Module):
     finally:
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # the root keeps its gathered default
+            m.set_reshard_after_forward(_RESHARD_AFTER_FORWARD.get(m, m is not model), recurse=False)
 
 
 # ---------------------------------------------------------------------------------------------------------

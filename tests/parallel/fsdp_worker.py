@@ -21,8 +21,8 @@ from safetensors.torch import save_file
 from fastllm.train import TrainingInterrupted, build_optimizer
 from fastllm.train import checkpoint as ckpt_module
 from fastllm.train.distributed import init_distributed
-from fastllm.train.parallel import (GlooAllGather, GlooReduceScatter, full_state_dict, head_weight, local_bytes,
-                                    parallelize, unsharded)
+from fastllm.train import collectives
+from fastllm.train.parallel import full_state_dict, head_weight, local_bytes, parallelize, unsharded
 from runs import (CLI_PRETRAIN, STEPS, config, head_loss, pretrain_run, reference_head_grads, rows, run_stages,
                   tiny_gpt)
 
@@ -85,27 +85,52 @@ def fused_losses(dist):
 
 
 def gloo_collectives(dist):
-    """GlooAllGather / GlooReduceScatter (FSDP's collectives on gloo) against torch's own, on odd sizes: the
-    all-gather bit for bit (also as an async Work), the reduce-scatter (sum, average) to fp32 rounding."""
+    """fastllm's FSDP collectives on gloo (shared memory on one host, broadcast and send/recv across hosts)
+    against torch's own, on odd sizes in fp32 and bf16: the all-gather bit for bit (also as an async Work),
+    the reduce-scatter (sum, average) to the output dtype's rounding (relative error). The shared-memory channel here is 4 KiB, so one call
+    moves many pieces and both mailbox sets; the calls run back to back, reusing them."""
     import torch.distributed as torch_dist
 
     group, out = torch_dist.group.WORLD, {}
+    small = collectives.SharedMemoryChannel.open(group, nbytes=4096)
+    out["shared_memory_opened"] = small is not None and isinstance(
+        collectives.fsdp_collectives(group)[0], collectives.SharedMemoryAllGather)
+    out["left_in_dev_shm"] = [f for f in os.listdir(collectives.SHM_FOLDER) if f.startswith("fastllm-collectives-")]
+    # Where some rank cannot map rank 0's file (another host, another /dev/shm), every rank falls back.
+    from_file = torch.UntypedStorage.from_file
+    if dist.rank == 1:
+        torch.UntypedStorage.from_file = lambda *args, **kwargs: (_ for _ in ()).throw(OSError("not this host"))
+    try:
+        out["fallback_when_one_rank_cannot_map"] = collectives.SharedMemoryChannel.open(group) is None
+    finally:
+        torch.UntypedStorage.from_file = from_file
+    kinds = {"gloo": (collectives.GlooAllGather(), collectives.GlooReduceScatter()),
+             "shm": (collectives.SharedMemoryAllGather(small), collectives.SharedMemoryReduceScatter(small))}
     g = torch.Generator().manual_seed(dist.rank)
-    shard = torch.randn(1001, generator=g)
-    expected, got = torch.empty(1001 * dist.world_size), torch.empty(1001 * dist.world_size)
-    torch_dist.all_gather_into_tensor(expected, shard)
-    GlooAllGather()(got, shard, group)
-    out["all_gather"] = torch.equal(got, expected)
-    got.zero_()
-    work = GlooAllGather()(got, shard, group, async_op=True)
-    work.wait()
-    out["all_gather_async"] = isinstance(work, torch_dist.Work) and torch.equal(got, expected)
-    full = torch.randn(777 * dist.world_size, generator=g)
-    for name, op in (("sum", torch_dist.ReduceOp.SUM), ("avg", torch_dist.ReduceOp.AVG)):
-        expected, got = torch.empty(777), torch.empty(777)
-        torch_dist.reduce_scatter_tensor(expected, full.clone(), op=torch_dist.ReduceOp.SUM)
-        GlooReduceScatter()(got, full, group, op)
-        out[f"reduce_scatter_{name}"] = (got - expected / (dist.world_size if name == "avg" else 1)).abs().max().item()
+    world = dist.world_size
+    for kind, (all_gather, reduce_scatter) in kinds.items():
+        for dtype in (torch.float32, torch.bfloat16):
+            for numel in (1, 1001, 4099):  # under one piece, several pieces, a piece and a ragged end
+                shard = torch.randn(numel, generator=g).to(dtype)
+                expected = torch.empty(numel * world, dtype=dtype)
+                torch_dist.all_gather_into_tensor(expected, shard)
+                got = torch.full((numel * world,), float("nan"), dtype=dtype)
+                all_gather(got, shard, group)
+                in_place = torch.full((numel * world,), float("nan"), dtype=dtype)  # FSDP's layout: input in output
+                in_place.narrow(0, numel * dist.rank, numel).copy_(shard)
+                work = all_gather(in_place, in_place.narrow(0, numel * dist.rank, numel), group, async_op=True)
+                work.wait()
+                out[f"{kind}_all_gather_{dtype}_{numel}"] = (torch.equal(got, expected) and torch.equal(in_place, expected)
+                                                            and isinstance(work, torch_dist.Work))
+                full = torch.randn(numel * world, generator=g).to(dtype)
+                reference = torch.empty(numel, dtype=torch.float64)
+                torch_dist.reduce_scatter_tensor(reference, full.double(), op=torch_dist.ReduceOp.SUM)
+                for name, op in (("sum", torch_dist.ReduceOp.SUM), ("avg", torch_dist.ReduceOp.AVG)):
+                    got = torch.full((numel,), float("nan"), dtype=dtype)
+                    reduce_scatter(got, full, group, op)
+                    expect = reference / (world if name == "avg" else 1)
+                    relative = (got.double() - expect).abs() / expect.abs().clamp_min(1e-30)
+                    out[f"{kind}_reduce_scatter_{name}_{dtype}_{numel}"] = relative.max().item()
     return out
 
 
