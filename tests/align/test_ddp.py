@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_ppo_worker import BASE, PROMPTS, tiny_gpt  # pytest puts this folder on sys.path
+from ddp_ppo_worker import BASE, GRPO_STEPS, PROMPTS, tiny_gpt  # pytest puts this folder on sys.path
 from fastllm import ops
 from fastllm.train.chat import batch_indices
 from fastllm.train.checkpoint import load_checkpoint
@@ -43,11 +43,14 @@ def assert_ranks_identical(r0, r1, steps):
 
 
 def assert_disjoint_shards(r0, r1, steps):
-    """At each step the ranks drew disjoint prompts, together the 1-process draw of the doubled batch."""
+    """At each step the ranks drew disjoint prompts (within an epoch), together the 1-process draw of the
+    doubled batch."""
     for step in range(steps):
         a, b = r0["drawn"][step], r1["drawn"][step]
-        assert len(a) == len(b) == BASE["batch_size"] and not set(a) & set(b), (step, a, b)
-        assert sorted(a + b) == sorted(batch_indices(len(PROMPTS), step, 2 * BASE["batch_size"], BASE["seed"])), step
+        one_process = batch_indices(len(PROMPTS), step, 2 * BASE["batch_size"], BASE["seed"])
+        assert len(a) == len(b) == BASE["batch_size"] and sorted(a + b) == sorted(one_process), (step, a, b)
+        if len(set(one_process)) == len(one_process):  # a batch across an epoch's end may draw a prompt twice
+            assert not set(a) & set(b), (step, a, b)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +92,8 @@ def test_grpo_starts_every_rank_from_rank0_weights_and_stays_identical(ppo_runs)
     assert not torch.equal(rank0_init, torch.cat([p.detach().flatten() for p in tiny_gpt(1).parameters()]))
     assert torch.equal(r0["initial"]["policy"], rank0_init) and torch.equal(r1["initial"]["policy"], rank0_init)
     assert r0["initial"].keys() == {"policy"}  # GRPO has no critic
-    assert_disjoint_shards(r0, r1, 2)
-    assert_ranks_identical(r0, r1, 2)
+    assert_disjoint_shards(r0, r1, GRPO_STEPS)
+    assert_ranks_identical(r0, r1, GRPO_STEPS)
 
 
 def test_batch_normalised_advantages_use_the_whole_batch(ppo_runs):
@@ -150,19 +153,28 @@ def assert_records_close(got, expected):
 @pytest.mark.parametrize("run, baseline", [("grpo_fsdp", "grpo"), ("ppo_fsdp", "half"), ("head_fsdp", "head")])
 def test_fsdp_equals_ddp_step_by_step(ppo_runs, run, baseline):
     """Policy, critic and reference sharded: the same draws, per-step metrics and weights as the ddp run (each
-    rank its own prompts, gradients averaged), to fp32 rounding: FSDP reduce-scatters them in another order."""
+    rank its own prompts, gradients averaged), to fp32 rounding: FSDP reduce-scatters them in another order.
+    GRPO runs GRPO_STEPS (20): the rounding difference grows once clipped ratios cross the clip boundary in one
+    run and not the other (measured: 1e-6 relative on the metrics to step 12, then up to 6e-3 on approx_kl and
+    2e-4 absolute on the weights at step 20), so the metrics are compared to rounding over the first 10 steps,
+    and over all 20 the sampled responses and rewards must be the same and the weights within 1e-3."""
     fsdp, ddp = ranks(ppo_runs, run), ranks(ppo_runs, baseline)
     steps = len(ddp[0]["after_step"])
+    assert steps == (GRPO_STEPS if run == "grpo_fsdp" else 2)
     assert_ranks_identical(*fsdp, steps)  # gathered from the shards: every rank sees the same full weights
     keep = key_bias_mask(tiny_gpt(0))
+    strict = min(steps, 10)
     for r in range(2):
         assert fsdp[r]["drawn"] == ddp[r]["drawn"]
-        assert_records_close(fsdp[r]["records"], ddp[r]["records"])
+        assert_records_close(fsdp[r]["records"][:strict], ddp[r]["records"][:strict])
+        assert [x["reward"] for x in fsdp[r]["records"]] == [x["reward"] for x in ddp[r]["records"]]
+        assert [x["responses"] for x in fsdp[r]["rollouts"]] == [x["responses"] for x in ddp[r]["rollouts"]]
         for step, (a, b) in enumerate(zip(fsdp[r]["after_step"], ddp[r]["after_step"])):
             assert a.keys() == b.keys()
             for name in a:
                 same = keep if name == "policy" else slice(None)
-                torch.testing.assert_close(a[name][same], b[name][same], rtol=1e-5, atol=1e-6, msg=f"{step} {name}")
+                tolerance = dict(rtol=1e-5, atol=1e-6) if step < strict else dict(rtol=0, atol=1e-3)
+                torch.testing.assert_close(a[name][same], b[name][same], **tolerance, msg=f"{step} {name}")
     assert torch.equal(fsdp[0]["final"], fsdp[0]["after_step"][-1]["policy"]) and fsdp[1]["final"] is None
 
 
