@@ -6,7 +6,9 @@
 Shapes read batch x heads x seqlen x head_dim, heads as q/kv when they differ. Per row, fastllm.ops.attention
 and F.scaled_dot_product_attention(enable_gqa=True) run on the same (batch, seqlen, heads, head_dim) inputs,
 forward (no_grad) and forward+backward, interleaved in rotating rounds (harness.time_rotating), so a ratio
-is robust to a shared machine's drift; medians are printed as a markdown table.
+is robust to a shared machine's drift; medians are printed as a markdown table. fastllm runs with each of its
+tile-GEMM engines (--engines): "blas", the default (ATen's brgemm; 16-bit tiles through oneDNN's micro-kernels
+where the CPU has them, e.g. AMX), and "registers" (fastllm's own micro-kernel on fp32 tiles).
 """
 import argparse
 import os
@@ -35,18 +37,26 @@ def sdpa(q, k, v, causal):
     return out.transpose(1, 2)
 
 
-def fastllm_attention(q, k, v, causal):
-    with fastllm.use_backend("cpp"):
-        return fastllm.ops.attention(q, k, v, causal=causal)
+def fastllm_attention(engine):
+    from fastllm import _cpp
+
+    def attention(q, k, v, causal):
+        previous = _cpp.load().set_attention_gemm(engine)
+        try:
+            with fastllm.use_backend("cpp"):
+                return fastllm.ops.attention(q, k, v, causal=causal)
+        finally:
+            _cpp.load().set_attention_gemm(previous)
+    return attention
 
 
-def measure(shape, dtype, causal, rounds):
+def measure(shape, dtype, causal, rounds, engines):
     batch, heads_q, heads_kv, seqlen, head_dim = parse_shape(shape)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(batch, seqlen, heads, head_dim, generator=generator).to(dtype).requires_grad_()
                for heads in (heads_q, heads_kv, heads_kv))
     dout = torch.randn(batch, seqlen, heads_q, head_dim, generator=generator).to(dtype)
-    variants = {"fastllm[cpp]": fastllm_attention, "sdpa[enable_gqa]": sdpa}
+    variants = {**{engine: fastllm_attention(engine) for engine in engines}, "sdpa": sdpa}
 
     def forward(fn):
         def call():
@@ -73,19 +83,25 @@ def main(argv=None):
     parser.add_argument("--masks", default="causal,full")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per row and mode (median)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--engines", default="blas,registers", help="fastllm's tile-GEMM engines to time")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [(shape, dtype, mask) for shape in args.shapes.split(",") for dtype in args.dtypes.split(",")
             for mask in args.masks.split(",")]
-    lines = ["| shape | dtype | mask | fastllm fwd ms | sdpa fwd ms | x sdpa fwd | fastllm fwd+bwd ms | "
-             "sdpa fwd+bwd ms | x sdpa fwd+bwd | load |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    engines = args.engines.split(",")
+    columns = [f"{mode} {name} ms" for mode in ("fwd", "fwd+bwd") for name in (*engines, "sdpa")]
+    columns[len(engines) + 1:len(engines) + 1] = [f"fwd x sdpa ({e})" for e in engines]
+    columns += [f"fwd+bwd x sdpa ({e})" for e in engines]
+    lines = ["| shape | dtype | mask | " + " | ".join(columns) + " | load |",
+             "|---|---|---|" + "---:|" * (len(columns) + 1)]
     for shape, dtype, mask in tqdm(rows, unit="row"):
-        row = measure(shape, getattr(torch, dtype), mask == "causal", args.rounds)
-        f, b = row["fwd"], row["fwd+bwd"]
-        lines.append(f"| {shape} | {dtype} | {mask} | {f['fastllm[cpp]']:.1f} | {f['sdpa[enable_gqa]']:.1f} | "
-                     f"{f['sdpa[enable_gqa]'] / f['fastllm[cpp]']:.2f}x | {b['fastllm[cpp]']:.1f} | "
-                     f"{b['sdpa[enable_gqa]']:.1f} | {b['sdpa[enable_gqa]'] / b['fastllm[cpp]']:.2f}x | "
-                     f"{os.getloadavg()[0]:.1f} |")
+        row = measure(shape, getattr(torch, dtype), mask == "causal", args.rounds, engines)
+        cells = []
+        for mode in ("fwd", "fwd+bwd"):
+            times = row[mode]
+            cells += [f"{times[name]:.1f}" for name in (*engines, "sdpa")]
+            cells += [f"{times['sdpa'] / times[e]:.2f}x" for e in engines]
+        lines.append(f"| {shape} | {dtype} | {mask} | " + " | ".join(cells) + f" | {os.getloadavg()[0]:.1f} |")
         tqdm.write(lines[-1])
     print("\n".join(lines))
 

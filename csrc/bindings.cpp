@@ -22,6 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
   // attention family
   m.def("set_streaming_store_threshold", &fastllm::set_streaming_store_threshold, py::arg("bytes"));
+  m.def("set_attention_gemm", &fastllm::set_attention_gemm, py::arg("engine"));
   m.def("attention_forward", &fastllm::attention_forward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("softmax_scale"), py::arg("window_left"), py::arg("window_right"));

@@ -43,6 +43,12 @@
 namespace fastllm {
 namespace attention_cpu {
 
+namespace {
+std::atomic<GemmEngine> current_gemm_engine{GemmEngine::kBlas};
+}  // namespace
+
+GemmEngine gemm_engine() { return current_gemm_engine.load(std::memory_order_relaxed); }
+
 // The checked sequence boundaries of one call, from cu_seqlens (packed batches) or from the tensor shapes
 // (dense batches: every sequence has max_seqlen queries and keys).
 std::vector<Sequence> sequences(const char* op, const torch::Tensor& q, const torch::Tensor& k,
@@ -148,4 +154,13 @@ void check_softmax_scale(const char* op, double softmax_scale) {
 }
 
 }  // namespace attention_cpu
+std::string set_attention_gemm(const std::string& engine) {
+  using attention_cpu::GemmEngine;
+  TORCH_CHECK(engine == "blas" || engine == "registers", "set_attention_gemm: engine must be 'blas' or 'registers', got '",
+              engine, "'");
+  const GemmEngine previous = attention_cpu::current_gemm_engine.exchange(
+      engine == "blas" ? GemmEngine::kBlas : GemmEngine::kRegisters);
+  return previous == GemmEngine::kBlas ? "blas" : "registers";
+}
+
 }  // namespace fastllm

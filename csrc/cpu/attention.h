@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
 #include <atomic>
@@ -126,6 +127,26 @@ void gemm(int64_t m, int64_t n, int64_t depth, const acc_t* a, int64_t lda, cons
   }
 }
 
+// Which engine runs the tile GEMMs that may use BLAS (tile_gemm): ATen's brgemm (oneDNN's batch-reduce GEMM
+// micro-kernels, built for this CPU at run time) or the register micro-kernel above. Set by
+// set_attention_gemm (attention.cpp), for benchmarks and tests that compare the two.
+enum class GemmEngine { kRegisters, kBlas };
+GemmEngine gemm_engine();
+
+// C[m x n] (+)= A[m x depth] B[depth x n] (row-major, as gemm) by the current engine; double always takes the
+// register micro-kernel (ATen has no double brgemm).
+template <typename acc_t>
+void tile_gemm(int64_t m, int64_t n, int64_t depth, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+               acc_t* c, int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (gemm_engine() == GemmEngine::kBlas) {
+      at::native::cpublas::brgemm(m, n, depth, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
+      return;
+    }
+  }
+  gemm<acc_t>(m, n, depth, a, lda, b, ldb, c, ldc, accumulate);
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // Elementwise helpers on padded rows
 // ---------------------------------------------------------------------------------------------------------
@@ -159,11 +180,12 @@ void load_rows(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t di
 }
 
 // dst[d * ld + r] = src[r * src_stride + d]: the transposed tile (K^T, V^T) the score GEMMs take as B, zero in
-// the padding (d >= dim, or rows <= r < ld).
+// the padding (d >= dim, or rows <= r < width) of its padded_dim x width block.
 template <typename scalar_t, typename acc_t>
 void load_rows_transposed(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim, int64_t padded_dim,
-                          acc_t* dst, int64_t ld) {
-  std::fill(dst, dst + padded_dim * ld, acc_t(0));
+                          acc_t* dst, int64_t ld, int64_t width = -1) {
+  width = width < 0 ? ld : width;
+  for (int64_t d = 0; d < padded_dim; ++d) std::fill(dst + d * ld, dst + d * ld + width, acc_t(0));
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = src + r * src_stride;
     for (int64_t d = 0; d < dim; ++d) dst[d * ld + r] = static_cast<acc_t>(row[d]);

@@ -160,11 +160,14 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
                 ws.delta[r] = delta[h * total_q + token + r];
               }
               // P = exp(scale S - lse), 0 for unseen keys and the padding.
+              // The register micro-kernel, as the forward's fp32 tiles: the same sums of the same products, so
+              // that P recomputed from the saved lse is exactly 1 where the forward's was.
               gemm(rows, padded_cols, pdim, ws.q.data(), pdim, ws.kt.data(), kBlockK, ws.p.data(), kBlockK, false);
               if (padded_cols != cols || !seq.tile_unmasked(i0, i0 + rows, j0, j0 + cols)) {
                 mask_tile(seq, i0, rows, j0, cols, padded_cols, ws.p.data(), kBlockK);
               }
-              // dP = dO V^T into ds, then dS = P (dP - Delta).
+              // dP = dO V^T into ds, then dS = P (dP - Delta). Always the register micro-kernel: Delta's dot
+              // repeats its exact order (see there).
               gemm(rows, padded_cols, pdim, ws.dout.data(), pdim, ws.vt.data(), kBlockK, ws.ds.data(), kBlockK, false);
               const Vec scale_vec(scale);
               for (int64_t r = 0; r < rows; ++r) {
@@ -184,7 +187,7 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
               gemm<acc_t, /*kTransA=*/true>(cols, pdim, rows, ws.ds.data(), kBlockK, ws.q.data(), pdim, product,
                                              pdim, false);
               add_tile(product, cols, pdim, ws.dk.data(), pdim);
-              gemm(rows, pdim, cols, ws.ds.data(), kBlockK, ws.k.data(), pdim, product, pdim, false);
+              tile_gemm(rows, pdim, cols, ws.ds.data(), kBlockK, ws.k.data(), pdim, product, pdim, false);
               double* dq_rows = dq_partial.get() + ((task.chunk * total_q + token) * heads_q + h) * pdim;
               uint8_t& reached = written[(task.chunk * q_tiles + first_q_tile[task.batch] + i0 / kBlockQ) * heads_q + h];
               add_tile(product, rows, pdim, dq_rows, heads_q * pdim, /*overwrite=*/!reached);

@@ -18,15 +18,81 @@ struct ForwardTask {
   int64_t batch, head, q_tile, cost;
 };
 
-template <typename acc_t>
+// One task per (sequence, query head, query tile), its cost the number of scores it computes.
+std::vector<ForwardTask> forward_tasks(const std::vector<Sequence>& seqs, int64_t heads_q) {
+  std::vector<ForwardTask> tasks;
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    const Sequence& seq = seqs[b];
+    for (int64_t i0 = 0; i0 < seq.q_len; i0 += kBlockQ) {
+      const int64_t i1 = std::min(i0 + kBlockQ, seq.q_len);
+      const int64_t keys = std::max<int64_t>(0, seq.last_key(i1 - 1) - seq.first_key(i0) + 1);
+      for (int64_t h = 0; h < heads_q; ++h) tasks.push_back({static_cast<int64_t>(b), h, i0 / kBlockQ, (i1 - i0) * keys});
+    }
+  }
+  return tasks;
+}
+
+// The first packed key tile of each sequence's kv head 0 (a prefix sum; the last entry is the total).
+inline std::vector<int64_t> first_key_tiles(const std::vector<Sequence>& seqs, int64_t heads_kv) {
+  std::vector<int64_t> first_tile(seqs.size() + 1, 0);
+  for (size_t b = 0; b < seqs.size(); ++b) first_tile[b + 1] = first_tile[b] + ceil_div(seqs[b].k_len, kBlockK) * heads_kv;
+  return first_tile;
+}
+
+template <typename acc_t, typename tile_t>
 struct ForwardWorkspace {
-  // Q^T and O^T (padded_dim x kBlockQ), S^T then P^T (kBlockK x kBlockQ), the running max and sum per query,
-  // and one output row.
-  std::vector<acc_t> qt, ot, st, row_max, row_sum, out_row;
-  explicit ForwardWorkspace(int64_t padded_dim)
-      : qt(padded_dim * kBlockQ), ot(padded_dim * kBlockQ), st(kBlockK * kBlockQ), row_max(kBlockQ),
-        row_sum(kBlockQ), out_row(padded_dim) {}
+  // Q^T (padded_dim x kBlockQ, in tile_t: VNNI-2 pairs in the 16-bit path) and O^T (padded_dim x kBlockQ),
+  // S^T then P^T (keys x kBlockQ, keys = one step's), P^T as the 16-bit path's VNNI-2 operand, the running max
+  // and sum per query, and one output row.
+  std::vector<tile_t> qt, pt;
+  std::vector<acc_t> ot, st, row_max, row_sum, out_row;
+  ForwardWorkspace(int64_t padded_dim, int64_t keys, bool vnni)
+      : qt(padded_dim * kBlockQ), pt(vnni ? keys * kBlockQ : 0), ot(padded_dim * kBlockQ), st(keys * kBlockQ),
+        row_max(kBlockQ), row_sum(kBlockQ), out_row(padded_dim) {}
 };
+
+// ---------------------------------------------------------------------------------------------------------
+// The 16-bit path: bf16 / fp16 tiles through oneDNN's brgemm (AMX or avx512-bf16 dot products)
+// ---------------------------------------------------------------------------------------------------------
+// On CPUs whose oneDNN has 16-bit brgemm micro-kernels (cpublas::could_pack), a bf16 or fp16 forward keeps
+// Q, K and V in their own dtype and accumulates in fp32: on a Sapphire Rapids core AMX runs a 64 x 64 x 64
+// tile at ~0.7 TFLOP/s against ~0.18 for fp32 brgemm. Its steps take kVnniKeys keys at once (one brgemm call
+// each way per 256 keys rather than per 64: the calls' fixed cost, and one rescale of O^T per step). P is rounded to the input dtype before P V, as SDPA's
+// and FlashAttention's kernels do; the softmax is the fp32 code above. brgemm takes B in VNNI-2 order:
+// element (k, n) of a K x N operand at [(k / 2) * 2N + 2n + k % 2], pairs of depth terms side by side.
+
+constexpr int64_t kVnniKeys = 4 * kBlockK;
+
+template <typename scalar_t>
+constexpr bool kSixteenBit = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
+
+// dst = the query rows' transpose Q^T (padded_dim x n) in VNNI-2 order, zero past `dim` and `rows`.
+template <typename scalar_t>
+void load_rows_vnni_transposed(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim,
+                               int64_t padded_dim, int64_t n, scalar_t* dst) {
+  std::fill(dst, dst + padded_dim * n, scalar_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < dim; ++d) dst[(d / 2) * 2 * n + 2 * r + d % 2] = src[r * src_stride + d];
+  }
+}
+
+// out = O^T's columns / l and lse = m + log l for the task's rows (O^T, m and l in the workspace).
+template <typename scalar_t, typename Workspace>
+void store_output_rows(const Sequence& seq, int64_t i0, int64_t rows, int64_t head, int64_t heads_q, int64_t dim,
+                       int64_t total_q, Workspace& ws, scalar_t* out, double* lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t m = ws.row_max[r], l = ws.row_sum[r];
+    const int64_t token = seq.q_start + i0 + r;
+    for (int64_t d = 0; d < dim; ++d) ws.out_row[d] = ws.ot[d * kBlockQ + r];
+    // l = 0: the row saw no key (output 0, lse -inf); a NaN max: a NaN score (outputs NaN).
+    const acc_t factor = std::isnan(m) ? m : l > 0 ? acc_t(1) / l : acc_t(0);
+    store_row(ws.out_row.data(), dim, factor, out + (token * heads_q + head) * dim);
+    // In double: the backward splits lse into an acc_t high part and the remainder (see there).
+    lse[head * total_q + token] =
+        std::isnan(m) || l > 0 ? static_cast<double>(m) + std::log(static_cast<double>(l)) : -kInf<double>;
+  }
+}
 
 // Sets st[r * ld + c] = -inf where query i0 + c cannot see key j0 + r (query columns in [0, padded_rows)).
 template <typename acc_t>
@@ -41,12 +107,13 @@ void mask_tile_transposed(const Sequence& seq, int64_t i0, int64_t padded_rows, 
   }
 }
 
-// The online softmax step for one key tile and the 16 (or 8) queries of one vector column c of S^T: folds
-// scale * S^T[0, cols) into the running max m and sum l, rescales that column of O^T and leaves
-// P^T = exp(scale S^T - m) in place.
-template <typename acc_t>
+// The online softmax step for one key tile (or step) and the 16 (or 8) queries of one vector column c of S^T:
+// folds scale * S^T[0, cols) into the running max m and sum l, rescales that column of O^T and leaves
+// P^T = exp(scale S^T - m) in place; or, given `vnni` (the 16-bit path), writes P^T rounded to vnni_t there in
+// VNNI-2 order (this column's offset applied, n queries per row pair), zero in rows [cols, depth).
+template <typename acc_t, typename vnni_t = acc_t>
 inline void online_softmax_column(acc_t* st, int64_t cols, acc_t* ot, int64_t padded_dim, acc_t* m, acc_t* l,
-                                  acc_t scale) {
+                                  acc_t scale, vnni_t* vnni = nullptr, int64_t depth = 0, int64_t n = 0) {
   using Vec = Vectorized<acc_t>;
   const Vec scale_vec(scale), neg_inf(-kInf<acc_t>), zero(acc_t(0));
   Vec tile_max = neg_inf;
@@ -58,11 +125,21 @@ inline void online_softmax_column(acc_t* st, int64_t cols, acc_t* ot, int64_t pa
   // out (its p and rescale factor are then exp(-inf) = 0).
   const Vec shift = Vec::blendv(new_max, zero, new_max == neg_inf);
   const Vec neg_shift = zero - shift;
+  const auto p_of = [&](int64_t r) { return vec_exp(at::vec::fmadd(Vec::loadu(st + r * kBlockQ), scale_vec, neg_shift)); };
   Vec sum = zero;
-  for (int64_t r = 0; r < cols; ++r) {
-    const Vec p = vec_exp(at::vec::fmadd(Vec::loadu(st + r * kBlockQ), scale_vec, neg_shift));
-    p.store(st + r * kBlockQ);
-    sum = sum + p;
+  if constexpr (std::is_same_v<vnni_t, acc_t>) {
+    for (int64_t r = 0; r < cols; ++r) {
+      const Vec p = p_of(r);
+      p.store(st + r * kBlockQ);
+      sum = sum + p;
+    }
+  } else {
+    for (int64_t r = 0; r < depth; r += 2) {  // key rows r and r + 1, interleaved lane by lane
+      const Vec p0 = r < cols ? p_of(r) : zero, p1 = r + 1 < cols ? p_of(r + 1) : zero;
+      sum = sum + p0 + p1;
+      const auto [low, high] = at::vec::interleave2(p0, p1);
+      at::vec::convert_from_float<vnni_t>(low, high).store(vnni + r * n);
+    }
   }
   const Vec rescale = vec_exp(old_max - shift);
   at::vec::fmadd(Vec::loadu(l), rescale, sum).store(l);
@@ -70,22 +147,24 @@ inline void online_softmax_column(acc_t* st, int64_t cols, acc_t* ot, int64_t pa
   for (int64_t d = 0; d < padded_dim; ++d) (Vec::loadu(ot + d * kBlockQ) * rescale).store(ot + d * kBlockQ);
 }
 
-template <typename scalar_t>
+// kVnni: the 16-bit path above (tiles in scalar_t, brgemm); otherwise tiles in acc_t and tile_gemm.
+template <typename scalar_t, bool kVnni>
 void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const Shape& shape,
                               const std::vector<Sequence>& seqs, int64_t total_q, double softmax_scale, scalar_t* out,
                               double* lse) {
   using acc_t = at::opmath_type<scalar_t>;
+  using tile_t = std::conditional_t<kVnni, scalar_t, acc_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t heads_q = shape.heads_q, heads_kv = shape.heads_kv, dim = shape.head_dim, pdim = shape.padded_dim;
   const acc_t scale = static_cast<acc_t>(softmax_scale);
 
-  // K and V^T of every (sequence, kv head) in acc_t, tile by tile: a K tile is kBlockK x padded_dim, a V^T
-  // tile padded_dim x kBlockK, both contiguous. Packed once and shared by every query tile and head of the
-  // group, rather than converted per (query tile, key tile) pair.
-  std::vector<int64_t> first_tile(seqs.size() + 1, 0);  // of each sequence's kv head 0
-  for (size_t b = 0; b < seqs.size(); ++b) first_tile[b + 1] = first_tile[b] + ceil_div(seqs[b].k_len, kBlockK) * heads_kv;
+  // K and V^T of every (sequence, kv head) in tile_t, packed once and shared by every query tile and head of
+  // the group, rather than converted per (query tile, key tile) pair: K as (keys, padded_dim) rows, kBlockK
+  // per tile; V^T as one padded_dim x (tiles x kBlockK) matrix per head, so that a step of several tiles is
+  // one GEMM operand. Both zero past the keys.
+  const std::vector<int64_t> first_tile = first_key_tiles(seqs, heads_kv);
   const int64_t tile_elems = kBlockK * pdim;
-  std::vector<acc_t> packed_k(first_tile.back() * tile_elems), packed_vt(first_tile.back() * tile_elems);
+  std::vector<tile_t> packed_k(first_tile.back() * tile_elems), packed_vt(first_tile.back() * tile_elems);
   parallel_items(first_tile.back(), tile_elems, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t b = std::upper_bound(first_tile.begin(), first_tile.end(), tile) - first_tile.begin() - 1;
@@ -96,66 +175,91 @@ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar
       const int64_t rows = std::min(kBlockK, seq.k_len - j0);
       const int64_t offset = ((seq.k_start + j0) * heads_kv + kv_head) * dim;
       load_rows(k + offset, heads_kv * dim, rows, dim, packed_k.data() + tile * tile_elems, pdim);
-      load_rows_transposed(v + offset, heads_kv * dim, rows, dim, pdim, packed_vt.data() + tile * tile_elems, kBlockK);
+      tile_t* vt_head = packed_vt.data() + (first_tile[b] + kv_head * tiles_per_head) * tile_elems;
+      load_rows_transposed(v + offset, heads_kv * dim, rows, dim, pdim, vt_head + j0, tiles_per_head * kBlockK,
+                           kBlockK);
     }
   });
 
-  std::vector<ForwardTask> tasks;
-  for (size_t b = 0; b < seqs.size(); ++b) {
-    const Sequence& seq = seqs[b];
-    for (int64_t i0 = 0; i0 < seq.q_len; i0 += kBlockQ) {
-      const int64_t i1 = std::min(i0 + kBlockQ, seq.q_len);
-      const int64_t keys = std::max<int64_t>(0, seq.last_key(i1 - 1) - seq.first_key(i0) + 1);
-      for (int64_t h = 0; h < heads_q; ++h) tasks.push_back({static_cast<int64_t>(b), h, i0 / kBlockQ, (i1 - i0) * keys});
-    }
-  }
-
-  run_tasks<ForwardTask, ForwardWorkspace<acc_t>>(
-      tasks, [&] { return ForwardWorkspace<acc_t>(pdim); },
-      [&](const ForwardTask& task, ForwardWorkspace<acc_t>& ws) {
+  std::vector<ForwardTask> tasks = forward_tasks(seqs, heads_q);
+  constexpr int64_t kStep = kVnni ? kVnniKeys : kBlockK;  // keys per step
+  using Workspace = ForwardWorkspace<acc_t, tile_t>;
+  run_tasks<ForwardTask, Workspace>(
+      tasks, [&] { return Workspace(pdim, kStep, kVnni); },
+      [&](const ForwardTask& task, Workspace& ws) {
         const Sequence& seq = seqs[task.batch];
         const int64_t i0 = task.q_tile * kBlockQ, rows = std::min(kBlockQ, seq.q_len - i0);
         const int64_t padded_rows = round_up(rows, kPad);
         const int64_t kv_head = task.head / shape.group;
         const int64_t row_stride = heads_q * dim;
-        load_rows_transposed(q + ((seq.q_start + i0) * heads_q + task.head) * dim, row_stride, rows, dim, pdim,
-                             ws.qt.data(), kBlockQ);
+        const scalar_t* q_rows = q + ((seq.q_start + i0) * heads_q + task.head) * dim;
+        if constexpr (kVnni) {
+          load_rows_vnni_transposed(q_rows, row_stride, rows, dim, pdim, padded_rows, ws.qt.data());
+        } else {
+          load_rows_transposed(q_rows, row_stride, rows, dim, pdim, ws.qt.data(), kBlockQ);
+        }
         std::fill(ws.ot.begin(), ws.ot.end(), acc_t(0));
         std::fill(ws.row_max.begin(), ws.row_max.end(), -kInf<acc_t>);
         std::fill(ws.row_sum.begin(), ws.row_sum.end(), acc_t(0));
 
         const int64_t first_key = seq.first_key(i0), last_key = seq.last_key(i0 + rows - 1);
         const int64_t tiles_per_head = ceil_div(seq.k_len, kBlockK);
-        for (int64_t j0 = first_key / kBlockK * kBlockK; j0 <= last_key; j0 += kBlockK) {
-          const int64_t cols = std::min(kBlockK, seq.k_len - j0);
+        const tile_t* vt_head = packed_vt.data() + (first_tile[task.batch] + kv_head * tiles_per_head) * tile_elems;
+        for (int64_t j0 = first_key / kBlockK * kBlockK; j0 <= last_key; j0 += kStep) {
+          // The 16-bit path's step ends at the last key a row sees (the rest of a tile only costs exp(-inf)).
+          const int64_t cols = kVnni ? std::min(kStep, last_key + 1 - j0) : std::min(kBlockK, seq.k_len - j0);
           const int64_t tile = first_tile[task.batch] + kv_head * tiles_per_head + j0 / kBlockK;
-          gemm(cols, padded_rows, pdim, packed_k.data() + tile * tile_elems, pdim, ws.qt.data(), kBlockQ,
-               ws.st.data(), kBlockQ, /*accumulate=*/false);
+          const tile_t* k_rows = packed_k.data() + tile * tile_elems;  // the step's tiles are consecutive
+          if constexpr (kVnni) {
+            at::native::cpublas::brgemm(cols, padded_rows, pdim, pdim, padded_rows, kBlockQ, /*add_C=*/false, k_rows,
+                                        ws.qt.data(), ws.st.data(), /*is_vnni=*/true);
+          } else {
+            // Not tile_gemm: the backward recomputes these scores with the register micro-kernel, and the two
+            // must agree bit for bit (brgemm sums in another order: P = 1 came back 6 ulp off at head dim 256).
+            gemm(cols, padded_rows, pdim, k_rows, pdim, ws.qt.data(), kBlockQ, ws.st.data(), kBlockQ,
+                 /*accumulate=*/false);
+          }
           // Padding queries (rows <= c < padded_rows) need no mask: their zero Q gives finite scores, and
           // nothing of theirs is stored.
           if (!seq.tile_unmasked(i0, i0 + rows, j0, j0 + cols)) {
             mask_tile_transposed(seq, i0, padded_rows, j0, cols, ws.st.data(), kBlockQ);
           }
-          for (int64_t c = 0; c < padded_rows; c += Vec::size()) {
-            online_softmax_column(ws.st.data() + c, cols, ws.ot.data() + c, pdim, ws.row_max.data() + c,
-                                  ws.row_sum.data() + c, scale);
+          const int64_t ld_vt = tiles_per_head * kBlockK;
+          if constexpr (kVnni) {
+            // P^T goes to the VNNI operand with zero rows up to a depth of whole 32-key blocks; V^T has those
+            // columns (its rows are whole tiles long), and 0 * V leaves them out.
+            const int64_t depth = round_up(cols, 32);
+            for (int64_t c = 0; c < padded_rows; c += Vec::size()) {
+              online_softmax_column(ws.st.data() + c, cols, ws.ot.data() + c, pdim, ws.row_max.data() + c,
+                                    ws.row_sum.data() + c, scale, ws.pt.data() + 2 * c, depth, padded_rows);
+            }
+            at::native::cpublas::brgemm(pdim, padded_rows, depth, ld_vt, padded_rows, kBlockQ, /*add_C=*/true,
+                                        vt_head + j0, ws.pt.data(), ws.ot.data(), /*is_vnni=*/true);
+          } else {
+            for (int64_t c = 0; c < padded_rows; c += Vec::size()) {
+              online_softmax_column(ws.st.data() + c, cols, ws.ot.data() + c, pdim, ws.row_max.data() + c,
+                                    ws.row_sum.data() + c, scale);
+            }
+            tile_gemm(pdim, padded_rows, cols, vt_head + j0, ld_vt, ws.st.data(), kBlockQ, ws.ot.data(), kBlockQ,
+                      /*accumulate=*/true);
           }
-          gemm(pdim, padded_rows, cols, packed_vt.data() + tile * tile_elems, kBlockK, ws.st.data(), kBlockQ,
-               ws.ot.data(), kBlockQ, /*accumulate=*/true);
         }
+        if constexpr (kVnni) at::native::cpublas::brgemm_release(/*is_vnni=*/true);  // AMX's tile state
 
-        for (int64_t r = 0; r < rows; ++r) {
-          const acc_t m = ws.row_max[r], l = ws.row_sum[r];
-          const int64_t token = seq.q_start + i0 + r;
-          for (int64_t d = 0; d < dim; ++d) ws.out_row[d] = ws.ot[d * kBlockQ + r];
-          // l = 0: the row saw no key (output 0, lse -inf); a NaN max: a NaN score (outputs NaN).
-          const acc_t factor = std::isnan(m) ? m : l > 0 ? acc_t(1) / l : acc_t(0);
-          store_row(ws.out_row.data(), dim, factor, out + (token * heads_q + task.head) * dim);
-          // In double: the backward splits lse into an acc_t high part and the remainder (see there).
-          lse[task.head * total_q + token] =
-              std::isnan(m) || l > 0 ? static_cast<double>(m) + std::log(static_cast<double>(l)) : -kInf<double>;
-        }
+        store_output_rows(seq, i0, rows, task.head, heads_q, dim, total_q, ws, out, lse);
       });
+}
+
+// The tiled forward for this dtype: the 16-bit brgemm path where this CPU's oneDNN has it and the engine is blas.
+template <typename scalar_t>
+auto tiled_forward_kernel() {
+  if constexpr (kSixteenBit<scalar_t>) {
+    if (gemm_engine() == GemmEngine::kBlas &&
+        at::native::cpublas::could_pack(c10::CppTypeToScalarType<scalar_t>::value)) {
+      return &attention_forward_kernel<scalar_t, true>;
+    }
+  }
+  return &attention_forward_kernel<scalar_t, false>;
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -281,8 +385,9 @@ std::tuple<torch::Tensor, torch::Tensor> attention_forward(
   std::vector<Sequence> short_seqs, long_seqs;
   for (const Sequence& seq : seqs) (seq.q_len <= kMaxDecodeQueries ? short_seqs : long_seqs).push_back(seq);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
+    const auto tiled = tiled_forward_kernel<scalar_t>();
     for (const auto& [kernel, part] : {std::make_pair(attention_decode_kernel<scalar_t>, &short_seqs),
-                                       std::make_pair(attention_forward_kernel<scalar_t>, &long_seqs)}) {
+                                       std::make_pair(tiled, &long_seqs)}) {
       if (part->empty()) continue;
       kernel(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shape, *part, q.size(0),
              softmax_scale, out.data_ptr<scalar_t>(), lse.data_ptr<double>());

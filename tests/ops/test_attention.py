@@ -338,6 +338,38 @@ def test_cpp_kernel_checks_offsets_itself():
         _cpp.load().attention_forward(q, k, k, cu_q, cu_k, None, 4, 9, 0.25, -1, -1)
 
 
+# The C++ kernel's tile GEMMs run on ATen's brgemm by default (for bf16 and fp16 on CPUs whose oneDNN has 16-bit
+# micro-kernels, the whole forward then keeps 16-bit tiles); set_attention_gemm("registers") switches to
+# fastllm's own micro-kernel, which bench/attention_grid.py compares. The full product above runs the default;
+# this is the other engine on every dtype and mask, over a multi-tile, an odd-head-dim and a one-query case.
+REGISTER_ENGINE_CASES = [pytest.param(dtype, mask, case, id=_case_id(dtype, mask, *case)) for dtype, mask, case in
+                         itertools.product(DTYPES, MASKS, [("gqa", 59, (113, 203)), ("mha", 128, (257, 257)),
+                                                           ("mqa", 16, (1, 257))])]
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("dtype,mask,case", REGISTER_ENGINE_CASES)
+def test_cpp_register_gemm_engine_matches_float64(dtype, mask, case):
+    from fastllm import _cpp
+
+    heads, head_dim, (seqlen_q, seqlen_k) = case
+    inputs, cotangents = make_inputs(2, seqlen_q, seqlen_k, *HEADS[heads], head_dim, dtype)
+    previous = _cpp.load().set_attention_gemm("registers")
+    try:
+        check_against_float64(ops.attention, reference.attention, "cpp", "cpu", dtype, inputs, cotangents,
+                              **MASKS[mask])
+    finally:
+        assert _cpp.load().set_attention_gemm(previous) == "registers"
+
+
+def test_set_attention_gemm_names_the_engines():
+    from fastllm import _cpp
+
+    with pytest.raises(RuntimeError, match="engine must be 'blas' or 'registers', got 'mkl'"):
+        _cpp.load().set_attention_gemm("mkl")
+    assert _cpp.load().set_attention_gemm("blas") == "blas"  # the default, returned as the previous engine
+
+
 # ---------------------------------------------------------------------------------------------------------
 # torch.library registration: opcheck and torch.compile(fullgraph=True) see one node per op
 # ---------------------------------------------------------------------------------------------------------
