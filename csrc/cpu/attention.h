@@ -148,6 +148,59 @@ void tile_gemm(int64_t m, int64_t n, int64_t depth, const acc_t* a, int64_t lda,
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// 16-bit tiles for brgemm (bf16 / fp16 on CPUs whose oneDNN has 16-bit micro-kernels: AMX, avx512-bf16)
+// ---------------------------------------------------------------------------------------------------------
+// brgemm takes a 16-bit B operand in VNNI-2 order: element (k, n) of a K x N matrix at [(k / 2) * 2N + 2n + k % 2],
+// pairs of depth terms side by side; A is plain row-major. Products are exact in fp32 and summed in fp32.
+template <typename scalar_t>
+constexpr bool kSixteenBit = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
+
+// Whether this call's 16-bit tiles go through brgemm: the engine is blas and oneDNN has the micro-kernels here.
+template <typename scalar_t>
+bool use_16bit_tiles() {
+  return gemm_engine() == GemmEngine::kBlas &&
+         at::native::cpublas::could_pack(c10::CppTypeToScalarType<scalar_t>::value);
+}
+
+// dst = the transpose of `rows` source rows (padded_dim x n, i.e. element (d, r) = src[r][d]) in VNNI-2 order,
+// zero past `dim` and `rows`.
+template <typename scalar_t>
+void load_rows_vnni_transposed(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim,
+                               int64_t padded_dim, int64_t n, scalar_t* dst) {
+  std::fill(dst, dst + padded_dim * n, scalar_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < dim; ++d) dst[(d / 2) * 2 * n + 2 * r + d % 2] = src[r * src_stride + d];
+  }
+}
+
+// dst = `rows` source rows (depth x padded_dim, element (r, d) = src[r][d]) in VNNI-2 order, zero past `dim` and
+// `rows`: row pairs interleaved.
+template <typename scalar_t>
+void load_rows_vnni(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim, int64_t depth,
+                    int64_t padded_dim, scalar_t* dst) {
+  std::fill(dst, dst + depth * padded_dim, scalar_t(0));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < dim; ++d) dst[(r / 2) * 2 * padded_dim + 2 * d + r % 2] = src[r * src_stride + d];
+  }
+}
+
+// dst = rows [0, rows) of the fp32 matrix src (ld apart, n columns, zero rows up to depth) rounded to scalar_t,
+// in VNNI-2 order: two rows interleaved lane by lane, then converted.
+template <typename scalar_t>
+void pack_rows_vnni(const float* src, int64_t ld, int64_t rows, int64_t depth, int64_t n, scalar_t* dst) {
+  using Vec = Vectorized<float>;
+  const Vec zero(0.0f);
+  for (int64_t r = 0; r < depth; r += 2) {
+    for (int64_t c = 0; c < n; c += Vec::size()) {
+      const Vec a = r < rows ? Vec::loadu(src + r * ld + c) : zero;
+      const Vec b = r + 1 < rows ? Vec::loadu(src + (r + 1) * ld + c) : zero;
+      const auto [low, high] = at::vec::interleave2(a, b);
+      at::vec::convert_from_float<scalar_t>(low, high).store(dst + r * n + 2 * c);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Elementwise helpers on padded rows
 // ---------------------------------------------------------------------------------------------------------
 // exp with NaN kept as NaN. exp_u20 (inline polynomial, ~20 ulp) costs a fraction of Sleef's 1-ulp exp; its

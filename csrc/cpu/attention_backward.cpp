@@ -36,6 +36,24 @@ struct BackwardWorkspace {
         product(std::max(kBlockQ, kBlockK) * padded_dim), dk(kBlockK * padded_dim), dv(kBlockK * padded_dim) {}
 };
 
+// The 16-bit path (bf16 / fp16 where use_16bit_tiles: brgemm on the inputs' own values, fp32 sums; P and dS
+// rounded to the input dtype for the three GEMMs that take them, as SDPA's and FlashAttention's backward
+// do). dK and dV are summed as dK^T, dV^T in fp32 by the GEMMs themselves (the tolerance of a 16-bit gradient),
+// dQ through the same double partials as above. Key side: K^T and V^T as VNNI-2 B operands of S and dP, K of
+// dQ; query side: Q and dO as the A operands of S and dP (in place when head_dim needs no padding), Q^T and
+// dO^T as those of dK^T and dV^T (transposed once per query tile, before the tasks).
+template <typename scalar_t>
+struct BackwardVnniWorkspace {
+  std::vector<scalar_t> kt, vt, k, q, dout, p16, ds16, ds_rows;
+  std::vector<float> p, ds, lse, lse_low, delta, product, dkt, dvt;
+  explicit BackwardVnniWorkspace(int64_t padded_dim)
+      : kt(padded_dim * kBlockK), vt(padded_dim * kBlockK), k(kBlockK * padded_dim), q(kBlockQ * padded_dim),
+        dout(kBlockQ * padded_dim), p16(kBlockQ * kBlockK),
+        ds16(kBlockQ * kBlockK), ds_rows(kBlockQ * kBlockK), p(kBlockQ * kBlockK), ds(kBlockQ * kBlockK),
+        lse(kBlockQ), lse_low(kBlockQ), delta(kBlockQ), product(kBlockQ * padded_dim), dkt(padded_dim * kBlockK),
+        dvt(padded_dim * kBlockK) {}
+};
+
 // dst[r * ld_dst + d] += src[r * padded_dim + d]: one tile's share of a gradient, added into its double sum.
 // dK, dV and dQ are sums over many tiles (every query tile of every head in a kv group for dK, dV); one fp32
 // chain of fmas through all of them loses up to ~5x PyTorch's accuracy at GQA with 257 queries, while fp32
@@ -60,7 +78,7 @@ inline std::pair<int64_t, int64_t> chunk_tiles(int64_t tiles, int64_t chunks, in
   return {chunk * tiles / chunks, (chunk + 1) * tiles / chunks};
 }
 
-template <typename scalar_t>
+template <typename scalar_t, bool kVnni>
 void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                                const scalar_t* out, const double* lse, const double* dlse, const Shape& shape,
                                const std::vector<Sequence>& seqs, double softmax_scale, scalar_t* dq, scalar_t* dk,
@@ -107,7 +125,11 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
   for (int64_t b = 0; b < batch; ++b) first_q_tile[b + 1] = first_q_tile[b] + ceil_div(seqs[b].q_len, kBlockQ);
   const int64_t q_tiles = first_q_tile.back();
   std::vector<uint8_t> written(chunks * q_tiles * heads_q, 0);
-  std::unique_ptr<double[]> dq_partial(new double[chunks * total_q * heads_q * pdim]);
+  // In the 16-bit path the partials are fp32, summed by the dQ GEMM itself (add_C): adding each tile's product
+  // into double partials in a pass of its own was half of that backward's time (a read and a write of a
+  // strided 64 x D double tile per tile pair).
+  using partial_t = std::conditional_t<kVnni, float, double>;
+  std::unique_ptr<partial_t[]> dq_partial(new partial_t[chunks * total_q * heads_q * pdim]);
 
   std::vector<BackwardTask> tasks;
   for (int64_t b = 0; b < batch; ++b) {
@@ -125,82 +147,183 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
     }
   }
 
-  run_tasks<BackwardTask, BackwardWorkspace<acc_t>>(
-      tasks, [&] { return BackwardWorkspace<acc_t>(pdim); },
-      [&](const BackwardTask& task, BackwardWorkspace<acc_t>& ws) {
-        const Sequence& seq = seqs[task.batch];
-        const int64_t kv_stride = heads_kv * dim, q_stride = heads_q * dim;
-        const auto [first_tile, last_tile] = chunk_tiles(ceil_div(seq.k_len, kBlockK), chunks, task.chunk);
-        for (int64_t tile = first_tile; tile < last_tile; ++tile) {
-          const int64_t j0 = tile * kBlockK, cols = std::min(kBlockK, seq.k_len - j0);
-          const int64_t padded_cols = round_up(cols, kPad);
-          const int64_t kv_offset = ((seq.k_start + j0) * heads_kv + task.kv_head) * dim;
-          load_rows(k + kv_offset, kv_stride, cols, dim, ws.k.data(), pdim);
-          load_rows_transposed(k + kv_offset, kv_stride, cols, dim, pdim, ws.kt.data(), kBlockK);
-          load_rows_transposed(v + kv_offset, kv_stride, cols, dim, pdim, ws.vt.data(), kBlockK);
-          std::fill(ws.dk.begin(), ws.dk.end(), 0.0);
-          std::fill(ws.dv.begin(), ws.dv.end(), 0.0);
+  // lse (split into its acc_t part and the remainder) and Delta of rows [token, token + rows) of head h.
+  const auto load_row_stats = [&](auto& ws, int64_t h, int64_t token, int64_t rows) {
+    for (int64_t r = 0; r < rows; ++r) {
+      // P = exp((scale S - hi) - lo) with lse = hi + lo: the first difference is exact where P matters,
+      // so P keeps acc_t's relative accuracy; exp(scale S - fp32(lse)) errs by ulp(lse) / 2 (4.8e-7 at
+      // lse = 12), which put the fp32 gradients at 3x PyTorch's error (head dim 256).
+      const double row_lse = lse[h * total_q + token + r];
+      const acc_t high = static_cast<acc_t>(row_lse);
+      // A row that sees no key has lse = -inf; +inf makes its P exactly 0.
+      ws.lse[r] = row_lse == -kInf<double> ? kInf<acc_t> : high;
+      ws.lse_low[r] = std::isfinite(row_lse) ? static_cast<acc_t>(row_lse - high) : acc_t(0);
+      ws.delta[r] = delta[h * total_q + token + r];
+    }
+  };
+  // P = exp(scale S - lse) over the scores in p, and dS = P (dP - Delta) over dP in ds, both in place.
+  const auto probabilities_and_dscores = [&](auto& ws, int64_t rows, int64_t padded_cols) {
+    const Vec scale_vec(scale);
+    for (int64_t r = 0; r < rows; ++r) {
+      acc_t* p_row = ws.p.data() + r * kBlockK;
+      acc_t* ds_row = ws.ds.data() + r * kBlockK;
+      const Vec neg_lse(-ws.lse[r]), lse_low(ws.lse_low[r]), row_delta(ws.delta[r]);
+      for (int64_t c = 0; c < padded_cols; c += Vec::size()) {
+        const Vec p = vec_exp(at::vec::fmadd(Vec::loadu(p_row + c), scale_vec, neg_lse) - lse_low);
+        p.store(p_row + c);
+        (p * (Vec::loadu(ds_row + c) - row_delta)).store(ds_row + c);
+      }
+    }
+  };
+  // The dQ rows of one (chunk, query tile, head): the tile GEMM's product added into the chunk's partial.
+  const auto add_dq = [&](const auto* product, const BackwardTask& task, int64_t h, int64_t i0, int64_t token,
+                          int64_t rows) {
+    auto* dq_rows = dq_partial.get() + ((task.chunk * total_q + token) * heads_q + h) * pdim;
+    uint8_t& reached = written[(task.chunk * q_tiles + first_q_tile[task.batch] + i0 / kBlockQ) * heads_q + h];
+    add_tile(product, rows, pdim, dq_rows, heads_q * pdim, /*overwrite=*/!reached);
+    reached = 1;
+  };
 
-          const int64_t first_query = seq.first_query(j0), last_query = seq.last_query(j0 + cols - 1);
-          for (int64_t h = task.kv_head * shape.group; h < (task.kv_head + 1) * shape.group; ++h) {
-            for (int64_t i0 = first_query / kBlockQ * kBlockQ; i0 <= last_query; i0 += kBlockQ) {
-              const int64_t rows = std::min(kBlockQ, seq.q_len - i0);
-              const int64_t token = seq.q_start + i0;
-              load_rows(q + (token * heads_q + h) * dim, q_stride, rows, dim, ws.q.data(), pdim);
-              load_rows(dout + (token * heads_q + h) * dim, q_stride, rows, dim, ws.dout.data(), pdim);
-              for (int64_t r = 0; r < rows; ++r) {
-                // P = exp((scale S - hi) - lo) with lse = hi + lo: the first difference is exact where P matters,
-                // so P keeps acc_t's relative accuracy; exp(scale S - fp32(lse)) errs by ulp(lse) / 2 (4.8e-7 at
-                // lse = 12), which put the fp32 gradients at 3x PyTorch's error (head dim 256).
-                const double row_lse = lse[h * total_q + token + r];
-                const acc_t high = static_cast<acc_t>(row_lse);
-                // A row that sees no key has lse = -inf; +inf makes its P exactly 0.
-                ws.lse[r] = row_lse == -kInf<double> ? kInf<acc_t> : high;
-                ws.lse_low[r] = std::isfinite(row_lse) ? static_cast<acc_t>(row_lse - high) : acc_t(0);
-                ws.delta[r] = delta[h * total_q + token + r];
-              }
-              // P = exp(scale S - lse), 0 for unseen keys and the padding.
-              // The register micro-kernel, as the forward's fp32 tiles: the same sums of the same products, so
-              // that P recomputed from the saved lse is exactly 1 where the forward's was.
-              gemm(rows, padded_cols, pdim, ws.q.data(), pdim, ws.kt.data(), kBlockK, ws.p.data(), kBlockK, false);
-              if (padded_cols != cols || !seq.tile_unmasked(i0, i0 + rows, j0, j0 + cols)) {
-                mask_tile(seq, i0, rows, j0, cols, padded_cols, ws.p.data(), kBlockK);
-              }
-              // dP = dO V^T into ds, then dS = P (dP - Delta). Always the register micro-kernel: Delta's dot
-              // repeats its exact order (see there).
-              gemm(rows, padded_cols, pdim, ws.dout.data(), pdim, ws.vt.data(), kBlockK, ws.ds.data(), kBlockK, false);
-              const Vec scale_vec(scale);
-              for (int64_t r = 0; r < rows; ++r) {
-                acc_t* p_row = ws.p.data() + r * kBlockK;
-                acc_t* ds_row = ws.ds.data() + r * kBlockK;
-                const Vec neg_lse(-ws.lse[r]), lse_low(ws.lse_low[r]), row_delta(ws.delta[r]);
-                for (int64_t c = 0; c < padded_cols; c += Vec::size()) {
-                  const Vec p = vec_exp(at::vec::fmadd(Vec::loadu(p_row + c), scale_vec, neg_lse) - lse_low);
-                  p.store(p_row + c);
-                  (p * (Vec::loadu(ds_row + c) - row_delta)).store(ds_row + c);
+  if constexpr (kVnni) {
+    // Q^T and dO^T of every (query tile, head), the A operands of dK^T and dV^T, transposed once for all the
+    // key tiles that read them.
+    const int64_t tile_elems = pdim * kBlockQ;
+    std::vector<scalar_t> packed_qt(q_tiles * heads_q * tile_elems), packed_doutt(q_tiles * heads_q * tile_elems);
+    parallel_items(q_tiles * heads_q, 2 * tile_elems, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t q_tile = item / heads_q, h = item % heads_q;
+        const int64_t b = std::upper_bound(first_q_tile.begin(), first_q_tile.end(), q_tile) - first_q_tile.begin() - 1;
+        const int64_t i0 = (q_tile - first_q_tile[b]) * kBlockQ, rows = std::min(kBlockQ, seqs[b].q_len - i0);
+        const int64_t offset = ((seqs[b].q_start + i0) * heads_q + h) * dim;
+        load_rows_transposed(q + offset, heads_q * dim, rows, dim, pdim, packed_qt.data() + item * tile_elems, kBlockQ);
+        load_rows_transposed(dout + offset, heads_q * dim, rows, dim, pdim, packed_doutt.data() + item * tile_elems,
+                             kBlockQ);
+      }
+    });
+    run_tasks<BackwardTask, BackwardVnniWorkspace<scalar_t>>(
+        tasks, [&] { return BackwardVnniWorkspace<scalar_t>(pdim); },
+        [&](const BackwardTask& task, BackwardVnniWorkspace<scalar_t>& ws) {
+          using at::native::cpublas::brgemm;
+          const Sequence& seq = seqs[task.batch];
+          const int64_t kv_stride = heads_kv * dim, q_stride = heads_q * dim;
+          const auto [first_tile, last_tile] = chunk_tiles(ceil_div(seq.k_len, kBlockK), chunks, task.chunk);
+          for (int64_t tile = first_tile; tile < last_tile; ++tile) {
+            const int64_t j0 = tile * kBlockK, cols = std::min(kBlockK, seq.k_len - j0);
+            const int64_t padded_cols = round_up(cols, kPad);
+            const int64_t kv_offset = ((seq.k_start + j0) * heads_kv + task.kv_head) * dim;
+            load_rows_vnni_transposed(k + kv_offset, kv_stride, cols, dim, pdim, padded_cols, ws.kt.data());
+            load_rows_vnni_transposed(v + kv_offset, kv_stride, cols, dim, pdim, padded_cols, ws.vt.data());
+            load_rows_vnni(k + kv_offset, kv_stride, cols, dim, padded_cols, pdim, ws.k.data());
+            std::fill(ws.dkt.begin(), ws.dkt.end(), 0.0f);
+            std::fill(ws.dvt.begin(), ws.dvt.end(), 0.0f);
+
+            const int64_t first_query = seq.first_query(j0), last_query = seq.last_query(j0 + cols - 1);
+            for (int64_t h = task.kv_head * shape.group; h < (task.kv_head + 1) * shape.group; ++h) {
+              for (int64_t i0 = first_query / kBlockQ * kBlockQ; i0 <= last_query; i0 += kBlockQ) {
+                const int64_t rows = std::min(kBlockQ, seq.q_len - i0), depth = round_up(rows, 32);
+                const int64_t token = seq.q_start + i0;
+                const scalar_t* q_rows = q + (token * heads_q + h) * dim;
+                const scalar_t* dout_rows = dout + (token * heads_q + h) * dim;
+                // Q and dO in place when their rows need no padding, else padded copies.
+                int64_t ld_rows = q_stride;
+                if (dim != pdim) {
+                  load_rows(q_rows, q_stride, rows, dim, ws.q.data(), pdim);
+                  load_rows(dout_rows, q_stride, rows, dim, ws.dout.data(), pdim);
+                  q_rows = ws.q.data(), dout_rows = ws.dout.data(), ld_rows = pdim;
                 }
+                const int64_t item = (first_q_tile[task.batch] + i0 / kBlockQ) * heads_q + h;
+                const scalar_t* qt = packed_qt.data() + item * tile_elems;
+                const scalar_t* doutt = packed_doutt.data() + item * tile_elems;
+                load_row_stats(ws, h, token, rows);
+                brgemm(rows, padded_cols, pdim, ld_rows, padded_cols, kBlockK, false, q_rows, ws.kt.data(),
+                       ws.p.data(), true);  // S = Q K^T
+                if (padded_cols != cols || !seq.tile_unmasked(i0, i0 + rows, j0, j0 + cols)) {
+                  mask_tile(seq, i0, rows, j0, cols, padded_cols, ws.p.data(), kBlockK);
+                }
+                brgemm(rows, padded_cols, pdim, ld_rows, padded_cols, kBlockK, false, dout_rows, ws.vt.data(),
+                       ws.ds.data(), true);  // dP = dO V^T
+                probabilities_and_dscores(ws, rows, padded_cols);
+                pack_rows_vnni(ws.p.data(), kBlockK, rows, depth, padded_cols, ws.p16.data());
+                pack_rows_vnni(ws.ds.data(), kBlockK, rows, depth, padded_cols, ws.ds16.data());
+                for (int64_t r = 0; r < rows; ++r) {
+                  at::vec::convert(ws.ds.data() + r * kBlockK, ws.ds_rows.data() + r * padded_cols, padded_cols);
+                }
+                brgemm(pdim, padded_cols, depth, kBlockQ, padded_cols, kBlockK, true, doutt, ws.p16.data(),
+                       ws.dvt.data(), true);  // dV^T += dO^T P
+                brgemm(pdim, padded_cols, depth, kBlockQ, padded_cols, kBlockK, true, qt, ws.ds16.data(),
+                       ws.dkt.data(), true);  // dK^T += Q^T dS
+                float* dq_rows = dq_partial.get() + ((task.chunk * total_q + token) * heads_q + h) * pdim;
+                uint8_t& reached = written[(task.chunk * q_tiles + first_q_tile[task.batch] + i0 / kBlockQ) * heads_q + h];
+                brgemm(rows, pdim, padded_cols, padded_cols, pdim, heads_q * pdim, /*add_C=*/reached != 0,
+                       ws.ds_rows.data(), ws.k.data(), dq_rows, true);  // dQ partial (+)= dS K
+                reached = 1;
               }
-              acc_t* product = ws.product.data();
-              gemm<acc_t, /*kTransA=*/true>(cols, pdim, rows, ws.p.data(), kBlockK, ws.dout.data(), pdim, product,
-                                             pdim, false);
-              add_tile(product, cols, pdim, ws.dv.data(), pdim);
-              gemm<acc_t, /*kTransA=*/true>(cols, pdim, rows, ws.ds.data(), kBlockK, ws.q.data(), pdim, product,
-                                             pdim, false);
-              add_tile(product, cols, pdim, ws.dk.data(), pdim);
-              tile_gemm(rows, pdim, cols, ws.ds.data(), kBlockK, ws.k.data(), pdim, product, pdim, false);
-              double* dq_rows = dq_partial.get() + ((task.chunk * total_q + token) * heads_q + h) * pdim;
-              uint8_t& reached = written[(task.chunk * q_tiles + first_q_tile[task.batch] + i0 / kBlockQ) * heads_q + h];
-              add_tile(product, rows, pdim, dq_rows, heads_q * pdim, /*overwrite=*/!reached);
-              reached = 1;
+            }
+            for (int64_t r = 0; r < cols; ++r) {  // dK and dV rows out of the transposed sums
+              const int64_t offset = ((seq.k_start + j0 + r) * heads_kv + task.kv_head) * dim;
+              for (int64_t d = 0; d < dim; ++d) ws.product[d] = ws.dkt[d * kBlockK + r];
+              store_row(ws.product.data(), dim, static_cast<float>(softmax_scale), dk + offset);
+              for (int64_t d = 0; d < dim; ++d) ws.product[d] = ws.dvt[d * kBlockK + r];
+              store_row(ws.product.data(), dim, 1.0f, dv + offset);
             }
           }
-          for (int64_t r = 0; r < cols; ++r) {
-            const int64_t offset = ((seq.k_start + j0 + r) * heads_kv + task.kv_head) * dim;
-            store_row(ws.dk.data() + r * pdim, dim, softmax_scale, dk + offset);
-            store_row(ws.dv.data() + r * pdim, dim, 1.0, dv + offset);
+          at::native::cpublas::brgemm_release(/*is_vnni=*/true);
+        });
+  } else {
+    run_tasks<BackwardTask, BackwardWorkspace<acc_t>>(
+        tasks, [&] { return BackwardWorkspace<acc_t>(pdim); },
+        [&](const BackwardTask& task, BackwardWorkspace<acc_t>& ws) {
+          const Sequence& seq = seqs[task.batch];
+          const int64_t kv_stride = heads_kv * dim, q_stride = heads_q * dim;
+          const auto [first_tile, last_tile] = chunk_tiles(ceil_div(seq.k_len, kBlockK), chunks, task.chunk);
+          for (int64_t tile = first_tile; tile < last_tile; ++tile) {
+            const int64_t j0 = tile * kBlockK, cols = std::min(kBlockK, seq.k_len - j0);
+            const int64_t padded_cols = round_up(cols, kPad);
+            const int64_t kv_offset = ((seq.k_start + j0) * heads_kv + task.kv_head) * dim;
+            load_rows(k + kv_offset, kv_stride, cols, dim, ws.k.data(), pdim);
+            load_rows_transposed(k + kv_offset, kv_stride, cols, dim, pdim, ws.kt.data(), kBlockK);
+            load_rows_transposed(v + kv_offset, kv_stride, cols, dim, pdim, ws.vt.data(), kBlockK);
+            std::fill(ws.dk.begin(), ws.dk.end(), 0.0);
+            std::fill(ws.dv.begin(), ws.dv.end(), 0.0);
+
+            const int64_t first_query = seq.first_query(j0), last_query = seq.last_query(j0 + cols - 1);
+            for (int64_t h = task.kv_head * shape.group; h < (task.kv_head + 1) * shape.group; ++h) {
+              for (int64_t i0 = first_query / kBlockQ * kBlockQ; i0 <= last_query; i0 += kBlockQ) {
+                const int64_t rows = std::min(kBlockQ, seq.q_len - i0);
+                const int64_t token = seq.q_start + i0;
+                load_rows(q + (token * heads_q + h) * dim, q_stride, rows, dim, ws.q.data(), pdim);
+                load_rows(dout + (token * heads_q + h) * dim, q_stride, rows, dim, ws.dout.data(), pdim);
+                load_row_stats(ws, h, token, rows);
+                // P = exp(scale S - lse), 0 for unseen keys and the padding.
+                // The register micro-kernel, as the forward's fp32 tiles: the same sums of the same products, so
+                // that P recomputed from the saved lse is exactly 1 where the forward's was.
+                gemm(rows, padded_cols, pdim, ws.q.data(), pdim, ws.kt.data(), kBlockK, ws.p.data(), kBlockK, false);
+                if (padded_cols != cols || !seq.tile_unmasked(i0, i0 + rows, j0, j0 + cols)) {
+                  mask_tile(seq, i0, rows, j0, cols, padded_cols, ws.p.data(), kBlockK);
+                }
+                // dP = dO V^T into ds, then dS = P (dP - Delta). Always the register micro-kernel: Delta's dot
+                // repeats its exact order (see there).
+                gemm(rows, padded_cols, pdim, ws.dout.data(), pdim, ws.vt.data(), kBlockK, ws.ds.data(), kBlockK, false);
+                probabilities_and_dscores(ws, rows, padded_cols);
+                acc_t* product = ws.product.data();
+                gemm<acc_t, /*kTransA=*/true>(cols, pdim, rows, ws.p.data(), kBlockK, ws.dout.data(), pdim, product,
+                                               pdim, false);
+                add_tile(product, cols, pdim, ws.dv.data(), pdim);
+                gemm<acc_t, /*kTransA=*/true>(cols, pdim, rows, ws.ds.data(), kBlockK, ws.q.data(), pdim, product,
+                                               pdim, false);
+                add_tile(product, cols, pdim, ws.dk.data(), pdim);
+                tile_gemm(rows, pdim, cols, ws.ds.data(), kBlockK, ws.k.data(), pdim, product, pdim, false);
+                add_dq(product, task, h, i0, token, rows);
+              }
+            }
+            for (int64_t r = 0; r < cols; ++r) {
+              const int64_t offset = ((seq.k_start + j0 + r) * heads_kv + task.kv_head) * dim;
+              store_row(ws.dk.data() + r * pdim, dim, softmax_scale, dk + offset);
+              store_row(ws.dv.data() + r * pdim, dim, 1.0, dv + offset);
+            }
           }
-        }
-      });
+        });
+  }
 
   // dQ = scale * (sum of the partials, in chunk order), over the chunks that reached each row's tile.
   std::vector<int64_t> tile_of_token(total_q);
@@ -214,7 +337,7 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
       bool first = true;
       for (int64_t c = 0; c < chunks; ++c) {
         if (!written[(c * q_tiles + tile) * heads_q + h]) continue;
-        const double* partial = dq_partial.get() + (c * total_q * heads_q + row) * pdim;
+        const partial_t* partial = dq_partial.get() + (c * total_q * heads_q + row) * pdim;
         if (first) {
           std::copy_n(partial, pdim, sum.data());
         } else {
@@ -264,7 +387,11 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> attention_backward(
     return {dq, dk, dv};
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
-    attention_backward_kernel<scalar_t>(dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+    auto kernel = attention_backward_kernel<scalar_t, false>;
+    if constexpr (kSixteenBit<scalar_t>) {
+      if (use_16bit_tiles<scalar_t>()) kernel = attention_backward_kernel<scalar_t, true>;
+    }
+    kernel(dout.data_ptr<scalar_t>(), q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
                                         v.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<double>(),
                                         dlse ? dlse->data_ptr<double>() : nullptr, shape, seqs, softmax_scale,
                                         dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>());

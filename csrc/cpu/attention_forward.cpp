@@ -63,19 +63,6 @@ struct ForwardWorkspace {
 
 constexpr int64_t kVnniKeys = 4 * kBlockK;
 
-template <typename scalar_t>
-constexpr bool kSixteenBit = std::is_same_v<scalar_t, at::BFloat16> || std::is_same_v<scalar_t, at::Half>;
-
-// dst = the query rows' transpose Q^T (padded_dim x n) in VNNI-2 order, zero past `dim` and `rows`.
-template <typename scalar_t>
-void load_rows_vnni_transposed(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim,
-                               int64_t padded_dim, int64_t n, scalar_t* dst) {
-  std::fill(dst, dst + padded_dim * n, scalar_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t d = 0; d < dim; ++d) dst[(d / 2) * 2 * n + 2 * r + d % 2] = src[r * src_stride + d];
-  }
-}
-
 // out = O^T's columns / l and lse = m + log l for the task's rows (O^T, m and l in the workspace).
 template <typename scalar_t, typename Workspace>
 void store_output_rows(const Sequence& seq, int64_t i0, int64_t rows, int64_t head, int64_t heads_q, int64_t dim,
@@ -254,10 +241,7 @@ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar
 template <typename scalar_t>
 auto tiled_forward_kernel() {
   if constexpr (kSixteenBit<scalar_t>) {
-    if (gemm_engine() == GemmEngine::kBlas &&
-        at::native::cpublas::could_pack(c10::CppTypeToScalarType<scalar_t>::value)) {
-      return &attention_forward_kernel<scalar_t, true>;
-    }
+    if (use_16bit_tiles<scalar_t>()) return &attention_forward_kernel<scalar_t, true>;
   }
   return &attention_forward_kernel<scalar_t, false>;
 }
