@@ -61,7 +61,7 @@ struct ForwardWorkspace {
 // and FlashAttention's kernels do; the softmax is the fp32 code above. brgemm takes B in VNNI-2 order:
 // element (k, n) of a K x N operand at [(k / 2) * 2N + 2n + k % 2], pairs of depth terms side by side.
 
-constexpr int64_t kVnniKeys = 4 * kBlockK;
+constexpr int64_t kVnniKeys = 8 * kBlockK;
 
 // out = O^T's columns / l and lse = m + log l for the task's rows (O^T, m and l in the workspace).
 template <typename scalar_t, typename Workspace>
@@ -72,12 +72,13 @@ void store_output_rows(const Sequence& seq, int64_t i0, int64_t rows, int64_t he
     const acc_t m = ws.row_max[r], l = ws.row_sum[r];
     const int64_t token = seq.q_start + i0 + r;
     for (int64_t d = 0; d < dim; ++d) ws.out_row[d] = ws.ot[d * kBlockQ + r];
-    // l = 0: the row saw no key (output 0, lse -inf); a NaN max: a NaN score (outputs NaN).
-    const acc_t factor = std::isnan(m) ? m : l > 0 ? acc_t(1) / l : acc_t(0);
+    // l = 0: the row saw no key (output 0, lse -inf); a NaN max or sum: a NaN score (outputs NaN).
+    const bool nan = std::isnan(m) || std::isnan(l);
+    const acc_t factor = nan ? std::numeric_limits<acc_t>::quiet_NaN() : l > 0 ? acc_t(1) / l : acc_t(0);
     store_row(ws.out_row.data(), dim, factor, out + (token * heads_q + head) * dim);
     // In double: the backward splits lse into an acc_t high part and the remainder (see there).
     lse[head * total_q + token] =
-        std::isnan(m) || l > 0 ? static_cast<double>(m) + std::log(static_cast<double>(l)) : -kInf<double>;
+        nan || l > 0 ? static_cast<double>(m) + std::log(static_cast<double>(l)) : -kInf<double>;
   }
 }
 
@@ -104,9 +105,10 @@ inline void online_softmax_column(acc_t* st, int64_t cols, acc_t* ot, int64_t pa
   using Vec = Vectorized<acc_t>;
   const Vec scale_vec(scale), neg_inf(-kInf<acc_t>), zero(acc_t(0));
   Vec tile_max = neg_inf;
-  for (int64_t r = 0; r < cols; ++r) tile_max = at::vec::maximum(tile_max, Vec::loadu(st + r * kBlockQ));
+  for (int64_t r = 0; r < cols; ++r) tile_max = max_ignoring_nan(tile_max, Vec::loadu(st + r * kBlockQ));
   const Vec old_max = Vec::loadu(m);
-  // NaN-propagating: a NaN score makes m NaN for good, and the row's outputs NaN at the end.
+  // A NaN score that made it into tile_max makes m NaN for good; one that did not makes l NaN (its exp): either
+  // way the row's outputs are NaN at the end (store_output_rows).
   const Vec new_max = at::vec::maximum(old_max, tile_max * scale_vec);
   // A query that has seen no key so far has max -inf; shifting by 0 instead keeps exp(-inf - -inf) = NaN
   // out (its p and rescale factor are then exp(-inf) = 0).
