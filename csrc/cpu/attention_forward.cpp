@@ -39,28 +39,18 @@ inline std::vector<int64_t> first_key_tiles(const std::vector<Sequence>& seqs, i
   return first_tile;
 }
 
-template <typename acc_t, typename tile_t>
+template <typename acc_t>
 struct ForwardWorkspace {
-  // Q^T (padded_dim x kBlockQ, in tile_t: VNNI-2 pairs in the 16-bit path) and O^T (padded_dim x kBlockQ),
-  // S^T then P^T (keys x kBlockQ, keys = one step's), P^T as the 16-bit path's VNNI-2 operand, the running max
-  // and sum per query, and one output row.
-  std::vector<tile_t> qt, pt;
-  std::vector<acc_t> ot, st, row_max, row_sum, out_row;
-  ForwardWorkspace(int64_t padded_dim, int64_t keys, bool vnni)
-      : qt(padded_dim * kBlockQ), pt(vnni ? keys * kBlockQ : 0), ot(padded_dim * kBlockQ), st(keys * kBlockQ),
-        row_max(kBlockQ), row_sum(kBlockQ), out_row(padded_dim) {}
+  // Q^T and O^T (padded_dim x kBlockQ), S^T then P^T (kBlockK x kBlockQ), the running max and sum per query,
+  // and one output row.
+  std::vector<acc_t> qt, ot, st, row_max, row_sum, out_row;
+  explicit ForwardWorkspace(int64_t padded_dim)
+      : qt(padded_dim * kBlockQ), ot(padded_dim * kBlockQ), st(kBlockK * kBlockQ), row_max(kBlockQ),
+        row_sum(kBlockQ), out_row(padded_dim) {}
 };
 
-// ---------------------------------------------------------------------------------------------------------
-// The 16-bit path: bf16 / fp16 tiles through oneDNN's brgemm (AMX or avx512-bf16 dot products)
-// ---------------------------------------------------------------------------------------------------------
-// On CPUs whose oneDNN has 16-bit brgemm micro-kernels (cpublas::could_pack), a bf16 or fp16 forward keeps
-// Q, K and V in their own dtype and accumulates in fp32: on a Sapphire Rapids core AMX runs a 64 x 64 x 64
-// tile at ~0.7 TFLOP/s against ~0.18 for fp32 brgemm. Its steps take kVnniKeys keys at once (one brgemm call
-// each way per 256 keys rather than per 64: the calls' fixed cost, and one rescale of O^T per step). P is rounded to the input dtype before P V, as SDPA's
-// and FlashAttention's kernels do; the softmax is the fp32 code above. brgemm takes B in VNNI-2 order:
-// element (k, n) of a K x N operand at [(k / 2) * 2N + 2n + k % 2], pairs of depth terms side by side.
-
+// Keys per step of the 16-bit forward (attention_forward_16bit_kernel below): one brgemm call each way per 512
+// keys rather than per 64 (the calls' fixed cost), and one rescale of O per step.
 constexpr int64_t kVnniKeys = 8 * kBlockK;
 
 // out = O^T's columns / l and lse = m + log l for the task's rows (O^T, m and l in the workspace).
@@ -95,13 +85,12 @@ void mask_tile_transposed(const Sequence& seq, int64_t i0, int64_t padded_rows, 
   }
 }
 
-// The online softmax step for one key tile (or step) and the 16 (or 8) queries of one vector column c of S^T:
-// folds scale * S^T[0, cols) into the running max m and sum l, rescales that column of O^T and leaves
-// P^T = exp(scale S^T - m) in place; or, given `vnni` (the 16-bit path), writes P^T rounded to vnni_t there in
-// VNNI-2 order (this column's offset applied, n queries per row pair), zero in rows [cols, depth).
-template <typename acc_t, typename vnni_t = acc_t>
+// The online softmax step for one key tile and the 16 (or 8) queries of one vector column c of S^T: folds
+// scale * S^T[0, cols) into the running max m and sum l, rescales that column of O^T and leaves
+// P^T = exp(scale S^T - m) in place.
+template <typename acc_t>
 inline void online_softmax_column(acc_t* st, int64_t cols, acc_t* ot, int64_t padded_dim, acc_t* m, acc_t* l,
-                                  acc_t scale, vnni_t* vnni = nullptr, int64_t depth = 0, int64_t n = 0) {
+                                  acc_t scale) {
   using Vec = Vectorized<acc_t>;
   const Vec scale_vec(scale), neg_inf(-kInf<acc_t>), zero(acc_t(0));
   Vec tile_max = neg_inf;
@@ -114,21 +103,11 @@ inline void online_softmax_column(acc_t* st, int64_t cols, acc_t* ot, int64_t pa
   // out (its p and rescale factor are then exp(-inf) = 0).
   const Vec shift = Vec::blendv(new_max, zero, new_max == neg_inf);
   const Vec neg_shift = zero - shift;
-  const auto p_of = [&](int64_t r) { return vec_exp(at::vec::fmadd(Vec::loadu(st + r * kBlockQ), scale_vec, neg_shift)); };
   Vec sum = zero;
-  if constexpr (std::is_same_v<vnni_t, acc_t>) {
-    for (int64_t r = 0; r < cols; ++r) {
-      const Vec p = p_of(r);
-      p.store(st + r * kBlockQ);
-      sum = sum + p;
-    }
-  } else {
-    for (int64_t r = 0; r < depth; r += 2) {  // key rows r and r + 1, interleaved lane by lane
-      const Vec p0 = r < cols ? p_of(r) : zero, p1 = r + 1 < cols ? p_of(r + 1) : zero;
-      sum = sum + p0 + p1;
-      const auto [low, high] = at::vec::interleave2(p0, p1);
-      at::vec::convert_from_float<vnni_t>(low, high).store(vnni + r * n);
-    }
+  for (int64_t r = 0; r < cols; ++r) {
+    const Vec p = vec_exp(at::vec::fmadd(Vec::loadu(st + r * kBlockQ), scale_vec, neg_shift));
+    p.store(st + r * kBlockQ);
+    sum = sum + p;
   }
   const Vec rescale = vec_exp(old_max - shift);
   at::vec::fmadd(Vec::loadu(l), rescale, sum).store(l);
@@ -136,24 +115,21 @@ inline void online_softmax_column(acc_t* st, int64_t cols, acc_t* ot, int64_t pa
   for (int64_t d = 0; d < padded_dim; ++d) (Vec::loadu(ot + d * kBlockQ) * rescale).store(ot + d * kBlockQ);
 }
 
-// kVnni: the 16-bit path above (tiles in scalar_t, brgemm); otherwise tiles in acc_t and tile_gemm.
-template <typename scalar_t, bool kVnni>
+template <typename scalar_t>
 void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const Shape& shape,
                               const std::vector<Sequence>& seqs, int64_t total_q, double softmax_scale, scalar_t* out,
                               double* lse) {
   using acc_t = at::opmath_type<scalar_t>;
-  using tile_t = std::conditional_t<kVnni, scalar_t, acc_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t heads_q = shape.heads_q, heads_kv = shape.heads_kv, dim = shape.head_dim, pdim = shape.padded_dim;
   const acc_t scale = static_cast<acc_t>(softmax_scale);
 
-  // K and V^T of every (sequence, kv head) in tile_t, packed once and shared by every query tile and head of
-  // the group, rather than converted per (query tile, key tile) pair: K as (keys, padded_dim) rows, kBlockK
-  // per tile; V^T as one padded_dim x (tiles x kBlockK) matrix per head, so that a step of several tiles is
-  // one GEMM operand. Both zero past the keys.
+  // K and V^T of every (sequence, kv head) in acc_t, tile by tile: a K tile is kBlockK x padded_dim, a V^T
+  // tile padded_dim x kBlockK, both contiguous. Packed once and shared by every query tile and head of the
+  // group, rather than converted per (query tile, key tile) pair.
   const std::vector<int64_t> first_tile = first_key_tiles(seqs, heads_kv);
   const int64_t tile_elems = kBlockK * pdim;
-  std::vector<tile_t> packed_k(first_tile.back() * tile_elems), packed_vt(first_tile.back() * tile_elems);
+  std::vector<acc_t> packed_k(first_tile.back() * tile_elems), packed_vt(first_tile.back() * tile_elems);
   parallel_items(first_tile.back(), tile_elems, [&](int64_t begin, int64_t end) {
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t b = std::upper_bound(first_tile.begin(), first_tile.end(), tile) - first_tile.begin() - 1;
@@ -164,17 +140,14 @@ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar
       const int64_t rows = std::min(kBlockK, seq.k_len - j0);
       const int64_t offset = ((seq.k_start + j0) * heads_kv + kv_head) * dim;
       load_rows(k + offset, heads_kv * dim, rows, dim, packed_k.data() + tile * tile_elems, pdim);
-      tile_t* vt_head = packed_vt.data() + (first_tile[b] + kv_head * tiles_per_head) * tile_elems;
-      load_rows_transposed(v + offset, heads_kv * dim, rows, dim, pdim, vt_head + j0, tiles_per_head * kBlockK,
-                           kBlockK);
+      load_rows_transposed(v + offset, heads_kv * dim, rows, dim, pdim, packed_vt.data() + tile * tile_elems, kBlockK);
     }
   });
 
   std::vector<ForwardTask> tasks = forward_tasks(seqs, heads_q);
-  constexpr int64_t kStep = kVnni ? kVnniKeys : kBlockK;  // keys per step
-  using Workspace = ForwardWorkspace<acc_t, tile_t>;
+  using Workspace = ForwardWorkspace<acc_t>;
   run_tasks<ForwardTask, Workspace>(
-      tasks, [&] { return Workspace(pdim, kStep, kVnni); },
+      tasks, [&] { return Workspace(pdim); },
       [&](const ForwardTask& task, Workspace& ws) {
         const Sequence& seq = seqs[task.batch];
         const int64_t i0 = task.q_tile * kBlockQ, rows = std::min(kBlockQ, seq.q_len - i0);
@@ -182,60 +155,155 @@ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar
         const int64_t kv_head = task.head / shape.group;
         const int64_t row_stride = heads_q * dim;
         const scalar_t* q_rows = q + ((seq.q_start + i0) * heads_q + task.head) * dim;
-        if constexpr (kVnni) {
-          load_rows_vnni_transposed(q_rows, row_stride, rows, dim, pdim, padded_rows, ws.qt.data());
-        } else {
-          load_rows_transposed(q_rows, row_stride, rows, dim, pdim, ws.qt.data(), kBlockQ);
-        }
+        load_rows_transposed(q_rows, row_stride, rows, dim, pdim, ws.qt.data(), kBlockQ);
         std::fill(ws.ot.begin(), ws.ot.end(), acc_t(0));
         std::fill(ws.row_max.begin(), ws.row_max.end(), -kInf<acc_t>);
         std::fill(ws.row_sum.begin(), ws.row_sum.end(), acc_t(0));
 
         const int64_t first_key = seq.first_key(i0), last_key = seq.last_key(i0 + rows - 1);
         const int64_t tiles_per_head = ceil_div(seq.k_len, kBlockK);
-        const tile_t* vt_head = packed_vt.data() + (first_tile[task.batch] + kv_head * tiles_per_head) * tile_elems;
-        for (int64_t j0 = first_key / kBlockK * kBlockK; j0 <= last_key; j0 += kStep) {
-          // The 16-bit path's step ends at the last key a row sees (the rest of a tile only costs exp(-inf)).
-          const int64_t cols = kVnni ? std::min(kStep, last_key + 1 - j0) : std::min(kBlockK, seq.k_len - j0);
+        for (int64_t j0 = first_key / kBlockK * kBlockK; j0 <= last_key; j0 += kBlockK) {
+          const int64_t cols = std::min(kBlockK, seq.k_len - j0);
           const int64_t tile = first_tile[task.batch] + kv_head * tiles_per_head + j0 / kBlockK;
-          const tile_t* k_rows = packed_k.data() + tile * tile_elems;  // the step's tiles are consecutive
-          if constexpr (kVnni) {
-            at::native::cpublas::brgemm(cols, padded_rows, pdim, pdim, padded_rows, kBlockQ, /*add_C=*/false, k_rows,
-                                        ws.qt.data(), ws.st.data(), /*is_vnni=*/true);
-          } else {
-            // Not tile_gemm: the backward recomputes these scores with the register micro-kernel, and the two
-            // must agree bit for bit (brgemm sums in another order: P = 1 came back 6 ulp off at head dim 256).
-            gemm(cols, padded_rows, pdim, k_rows, pdim, ws.qt.data(), kBlockQ, ws.st.data(), kBlockQ,
-                 /*accumulate=*/false);
-          }
+          // Not tile_gemm: the backward recomputes these scores with the register micro-kernel, and the two
+          // must agree bit for bit (brgemm sums in another order: P = 1 came back 6 ulp off at head dim 256).
+          gemm(cols, padded_rows, pdim, packed_k.data() + tile * tile_elems, pdim, ws.qt.data(), kBlockQ,
+               ws.st.data(), kBlockQ, /*accumulate=*/false);
           // Padding queries (rows <= c < padded_rows) need no mask: their zero Q gives finite scores, and
           // nothing of theirs is stored.
           if (!seq.tile_unmasked(i0, i0 + rows, j0, j0 + cols)) {
             mask_tile_transposed(seq, i0, padded_rows, j0, cols, ws.st.data(), kBlockQ);
           }
-          const int64_t ld_vt = tiles_per_head * kBlockK;
-          if constexpr (kVnni) {
-            // P^T goes to the VNNI operand with zero rows up to a depth of whole 32-key blocks; V^T has those
-            // columns (its rows are whole tiles long), and 0 * V leaves them out.
-            const int64_t depth = round_up(cols, 32);
-            for (int64_t c = 0; c < padded_rows; c += Vec::size()) {
-              online_softmax_column(ws.st.data() + c, cols, ws.ot.data() + c, pdim, ws.row_max.data() + c,
-                                    ws.row_sum.data() + c, scale, ws.pt.data() + 2 * c, depth, padded_rows);
-            }
-            at::native::cpublas::brgemm(pdim, padded_rows, depth, ld_vt, padded_rows, kBlockQ, /*add_C=*/true,
-                                        vt_head + j0, ws.pt.data(), ws.ot.data(), /*is_vnni=*/true);
-          } else {
-            for (int64_t c = 0; c < padded_rows; c += Vec::size()) {
-              online_softmax_column(ws.st.data() + c, cols, ws.ot.data() + c, pdim, ws.row_max.data() + c,
-                                    ws.row_sum.data() + c, scale);
-            }
-            tile_gemm(pdim, padded_rows, cols, vt_head + j0, ld_vt, ws.st.data(), kBlockQ, ws.ot.data(), kBlockQ,
-                      /*accumulate=*/true);
+          for (int64_t c = 0; c < padded_rows; c += Vec::size()) {
+            online_softmax_column(ws.st.data() + c, cols, ws.ot.data() + c, pdim, ws.row_max.data() + c,
+                                  ws.row_sum.data() + c, scale);
           }
+          tile_gemm(pdim, padded_rows, cols, packed_vt.data() + tile * tile_elems, kBlockK, ws.st.data(), kBlockQ,
+                    ws.ot.data(), kBlockQ, /*accumulate=*/true);
         }
-        if constexpr (kVnni) at::native::cpublas::brgemm_release(/*is_vnni=*/true);  // AMX's tile state
 
         store_output_rows(seq, i0, rows, task.head, heads_q, dim, total_q, ws, out, lse);
+      });
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The 16-bit forward, row-major: S = Q K^T and O += P V on brgemm, queries as rows
+// ---------------------------------------------------------------------------------------------------------
+// Unlike the fp32 kernel above, this one keeps queries as rows: Q is brgemm's A operand in place, P (rounded
+// to scalar_t) the A operand of P V as it is written, and O row-major for the output, while K^T and V are the
+// VNNI-2 B operands, packed once per (sequence, kv head) for every query tile and head of the group. A row's
+// max and sum are then horizontal reductions, but only two per row per 512-key step; the transposed layout
+// cost transposes and lane interleaves on every tile instead (1.4-2x slower on AMX).
+template <typename scalar_t>
+struct Forward16Workspace {
+  std::vector<scalar_t> q, p;  // padded Q rows (when head_dim needs padding), P of one step
+  std::vector<float> s, o, row_max, row_sum;
+  explicit Forward16Workspace(int64_t padded_dim)
+      : q(kBlockQ * padded_dim), p(kBlockQ * kVnniKeys), s(kBlockQ * kVnniKeys), o(kBlockQ * padded_dim),
+        row_max(kBlockQ), row_sum(kBlockQ) {}
+};
+
+template <typename scalar_t>
+void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const Shape& shape,
+                                    const std::vector<Sequence>& seqs, int64_t total_q, double softmax_scale,
+                                    scalar_t* out, double* lse) {
+  using Vec = Vectorized<float>;
+  using at::native::cpublas::brgemm;
+  const int64_t heads_q = shape.heads_q, heads_kv = shape.heads_kv, dim = shape.head_dim, pdim = shape.padded_dim;
+  const float scale = static_cast<float>(softmax_scale);
+
+  // Per (sequence, kv head), keys padded to whole tiles (zero past k_len): K^T as one pdim x keys VNNI-2
+  // operand (a step is a column range of it, ld = keys) and V as one keys x pdim VNNI-2 operand (a step is a
+  // row range).
+  const std::vector<int64_t> first_tile = first_key_tiles(seqs, heads_kv);
+  const int64_t tile_elems = kBlockK * pdim;
+  std::vector<scalar_t> packed_kt(first_tile.back() * tile_elems), packed_v(first_tile.back() * tile_elems);
+  parallel_items(static_cast<int64_t>(seqs.size()) * heads_kv, first_tile.back() * tile_elems / std::max<int64_t>(
+                     1, static_cast<int64_t>(seqs.size()) * heads_kv), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / heads_kv, kv_head = item % heads_kv;
+      const Sequence& seq = seqs[b];
+      const int64_t keys = ceil_div(seq.k_len, kBlockK) * kBlockK;
+      const int64_t base = (first_tile[b] + kv_head * (keys / kBlockK)) * tile_elems;
+      const int64_t offset = (seq.k_start * heads_kv + kv_head) * dim;
+      load_rows_vnni_transposed(k + offset, heads_kv * dim, seq.k_len, dim, pdim, keys, packed_kt.data() + base);
+      load_rows_vnni(v + offset, heads_kv * dim, seq.k_len, dim, keys, pdim, packed_v.data() + base);
+    }
+  });
+
+  std::vector<ForwardTask> tasks = forward_tasks(seqs, heads_q);
+  run_tasks<ForwardTask, Forward16Workspace<scalar_t>>(
+      tasks, [&] { return Forward16Workspace<scalar_t>(pdim); },
+      [&](const ForwardTask& task, Forward16Workspace<scalar_t>& ws) {
+        const Sequence& seq = seqs[task.batch];
+        const int64_t i0 = task.q_tile * kBlockQ, rows = std::min(kBlockQ, seq.q_len - i0);
+        const int64_t kv_head = task.head / shape.group;
+        const int64_t keys = ceil_div(seq.k_len, kBlockK) * kBlockK;
+        const int64_t base = (first_tile[task.batch] + kv_head * (keys / kBlockK)) * tile_elems;
+        const scalar_t* q_rows = q + ((seq.q_start + i0) * heads_q + task.head) * dim;
+        int64_t ld_q = heads_q * dim;
+        if (dim != pdim) {
+          load_rows(q_rows, ld_q, rows, dim, ws.q.data(), pdim);
+          q_rows = ws.q.data(), ld_q = pdim;
+        }
+        std::fill(ws.o.begin(), ws.o.end(), 0.0f);
+        std::fill(ws.row_max.begin(), ws.row_max.end(), -kInf<float>);
+        std::fill(ws.row_sum.begin(), ws.row_sum.end(), 0.0f);
+        const Vec scale_vec(scale), zero(0.0f), neg_inf(-kInf<float>);
+
+        const int64_t first_key = seq.first_key(i0), last_key = seq.last_key(i0 + rows - 1);
+        for (int64_t j0 = first_key / kBlockK * kBlockK; j0 <= last_key; j0 += kVnniKeys) {
+          const int64_t cols = std::min(kVnniKeys, last_key + 1 - j0);  // the step ends at the last key seen
+          const int64_t padded_cols = round_up(cols, kPad), depth = round_up(cols, 32);
+          brgemm(rows, padded_cols, pdim, ld_q, keys, kVnniKeys, /*add_C=*/false, q_rows,
+                 packed_kt.data() + base + 2 * j0, ws.s.data(), /*is_vnni=*/true);  // S = Q K^T
+          // -inf for the keys a row does not see and for the padding [cols, padded_cols)
+          if (padded_cols != cols || !seq.tile_unmasked(i0, i0 + rows, j0, j0 + cols)) {
+            mask_tile(seq, i0, rows, j0, cols, padded_cols, ws.s.data(), kVnniKeys);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            float* s_row = ws.s.data() + r * kVnniKeys;
+            Vec step_max = neg_inf;
+            for (int64_t c = 0; c < padded_cols; c += Vec::size()) step_max = max_ignoring_nan(step_max, Vec::loadu(s_row + c));
+            const float old_max = ws.row_max[r];
+            // NaN-propagating here (once per row and step); a NaN that the running max missed reaches the
+            // output through its exp and the row's sum (store below).
+            const float new_max = std::isnan(old_max) ? old_max : std::max(old_max, reduce_max(step_max) * scale);
+            const float shift = new_max == -kInf<float> ? 0.0f : new_max;  // a row that has seen no key yet
+            const Vec neg_shift(-shift);
+            Vec sum = zero;
+            scalar_t* p_row = ws.p.data() + r * kVnniKeys;
+            for (int64_t c = 0; c < padded_cols; c += 2 * Vec::size()) {
+              const Vec p0 = vec_exp(at::vec::fmadd(Vec::loadu(s_row + c), scale_vec, neg_shift));
+              const Vec p1 = c + Vec::size() < padded_cols
+                                 ? vec_exp(at::vec::fmadd(Vec::loadu(s_row + c + Vec::size()), scale_vec, neg_shift))
+                                 : zero;
+              sum = sum + p0 + p1;
+              at::vec::convert_from_float<scalar_t>(p0, p1).store(p_row + c);
+            }
+            std::fill(p_row + round_up(padded_cols, 2 * Vec::size()), p_row + depth, scalar_t(0));
+            const float rescale = std::exp(old_max - shift);
+            ws.row_sum[r] = ws.row_sum[r] * rescale + reduce_sum(sum);
+            ws.row_max[r] = new_max;
+            float* o_row = ws.o.data() + r * pdim;
+            if (rescale != 1.0f) {
+              for (int64_t d = 0; d < pdim; d += Vec::size()) (Vec::loadu(o_row + d) * Vec(rescale)).store(o_row + d);
+            }
+          }
+          brgemm(rows, pdim, depth, kVnniKeys, pdim, pdim, /*add_C=*/true, ws.p.data(),
+                 packed_v.data() + base + j0 * pdim, ws.o.data(), /*is_vnni=*/true);  // O += P V
+        }
+        at::native::cpublas::brgemm_release(/*is_vnni=*/true);  // AMX's tile state
+
+        for (int64_t r = 0; r < rows; ++r) {
+          const float m = ws.row_max[r], l = ws.row_sum[r];
+          const int64_t token = seq.q_start + i0 + r;
+          const bool nan = std::isnan(m) || std::isnan(l);
+          const float factor = nan ? std::numeric_limits<float>::quiet_NaN() : l > 0 ? 1.0f / l : 0.0f;
+          store_row(ws.o.data() + r * pdim, dim, factor, out + (token * heads_q + task.head) * dim);
+          lse[task.head * total_q + token] =
+              nan || l > 0 ? static_cast<double>(m) + std::log(static_cast<double>(l)) : -kInf<double>;
+        }
       });
 }
 
@@ -243,9 +311,9 @@ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar
 template <typename scalar_t>
 auto tiled_forward_kernel() {
   if constexpr (kSixteenBit<scalar_t>) {
-    if (use_16bit_tiles<scalar_t>()) return &attention_forward_kernel<scalar_t, true>;
+    if (use_16bit_tiles<scalar_t>()) return &attention_forward_16bit_kernel<scalar_t>;
   }
-  return &attention_forward_kernel<scalar_t, false>;
+  return &attention_forward_kernel<scalar_t>;
 }
 
 // ---------------------------------------------------------------------------------------------------------
