@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -163,24 +164,37 @@ bool use_16bit_tiles() {
 }
 
 // dst = the transpose of `rows` source rows (padded_dim x n, i.e. element (d, r) = src[r][d]) in VNNI-2 order,
-// zero past `dim` and `rows`.
+// zero past `dim` and `rows`. A pair (d, d + 1) of one row stays side by side, so with an even dim this is a
+// transpose of 32-bit words (the element-wise loop was 8% of the 16-bit forward).
 template <typename scalar_t>
 void load_rows_vnni_transposed(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim,
                                int64_t padded_dim, int64_t n, scalar_t* dst) {
+  static_assert(sizeof(scalar_t) == 2, "VNNI-2 pairs are two 16-bit values");
   std::fill(dst, dst + padded_dim * n, scalar_t(0));
+  const int64_t pairs = dim / 2;
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t d = 0; d < dim; ++d) dst[(d / 2) * 2 * n + 2 * r + d % 2] = src[r * src_stride + d];
+    const scalar_t* row = src + r * src_stride;
+    for (int64_t w = 0; w < pairs; ++w) std::memcpy(dst + (w * n + r) * 2, row + 2 * w, 4);
+    if (dim % 2) dst[pairs * 2 * n + 2 * r] = row[dim - 1];
   }
 }
 
 // dst = `rows` source rows (depth x padded_dim, element (r, d) = src[r][d]) in VNNI-2 order, zero past `dim` and
-// `rows`: row pairs interleaved.
+// `rows`: each pair of rows interleaved element by element.
 template <typename scalar_t>
 void load_rows_vnni(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim, int64_t depth,
                     int64_t padded_dim, scalar_t* dst) {
+  static_assert(sizeof(scalar_t) == 2, "VNNI-2 pairs are two 16-bit values");
   std::fill(dst, dst + depth * padded_dim, scalar_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t d = 0; d < dim; ++d) dst[(r / 2) * 2 * padded_dim + 2 * d + r % 2] = src[r * src_stride + d];
+  for (int64_t r = 0; r < rows; r += 2) {
+    const uint16_t* even = reinterpret_cast<const uint16_t*>(src + r * src_stride);
+    const uint16_t* odd = r + 1 < rows ? reinterpret_cast<const uint16_t*>(src + (r + 1) * src_stride) : nullptr;
+    uint16_t* out = reinterpret_cast<uint16_t*>(dst + r * padded_dim);
+    if (odd != nullptr) {
+      for (int64_t d = 0; d < dim; ++d) out[2 * d] = even[d], out[2 * d + 1] = odd[d];
+    } else {
+      for (int64_t d = 0; d < dim; ++d) out[2 * d] = even[d];
+    }
   }
 }
 
