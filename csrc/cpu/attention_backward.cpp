@@ -250,8 +250,12 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
                 probabilities_and_dscores(ws, rows, padded_cols, kKeys16);
                 pack_rows_vnni(ws.p.data(), kKeys16, rows, depth, padded_cols, ws.p16.data());
                 pack_rows_vnni(ws.ds.data(), kKeys16, rows, depth, padded_cols, ws.ds16.data());
-                for (int64_t r = 0; r < rows; ++r) {
-                  at::vec::convert(ws.ds.data() + r * kKeys16, ws.ds_rows.data() + r * padded_cols, padded_cols);
+                for (int64_t r = 0; r < rows; ++r) {  // dS rounded, rows kKeys16 apart (whole vector pairs fit)
+                  const float* row = ws.ds.data() + r * kKeys16;
+                  for (int64_t c = 0; c < padded_cols; c += 2 * Vec::size()) {
+                    const Vec high = c + Vec::size() < padded_cols ? Vec::loadu(row + c + Vec::size()) : Vec(0.0f);
+                    store_rounded(Vec::loadu(row + c), high, ws.ds_rows.data() + r * kKeys16 + c);
+                  }
                 }
                 brgemm(pdim, padded_cols, depth, kBlockQ, padded_cols, kKeys16, true, doutt, ws.p16.data(),
                        ws.dvt.data(), true);  // dV^T += dO^T P
@@ -259,7 +263,7 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
                        ws.dkt.data(), true);  // dK^T += Q^T dS
                 float* dq_rows = dq_partial.get() + ((task.chunk * total_q + token) * heads_q + h) * pdim;
                 uint8_t& reached = written[(task.chunk * q_tiles + first_q_tile[task.batch] + i0 / kBlockQ) * heads_q + h];
-                brgemm(rows, pdim, padded_cols, padded_cols, pdim, heads_q * pdim, /*add_C=*/reached != 0,
+                brgemm(rows, pdim, padded_cols, kKeys16, pdim, heads_q * pdim, /*add_C=*/reached != 0,
                        ws.ds_rows.data(), ws.k.data(), dq_rows, true);  // dQ partial (+)= dS K
                 reached = 1;
               }

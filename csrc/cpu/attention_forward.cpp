@@ -263,8 +263,17 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
           }
           for (int64_t r = 0; r < rows; ++r) {
             float* s_row = ws.s.data() + r * kVnniKeys;
-            Vec step_max = neg_inf;
-            for (int64_t c = 0; c < padded_cols; c += Vec::size()) step_max = max_ignoring_nan(step_max, Vec::loadu(s_row + c));
+            // Four running maxima: one chain of dependent max instructions was latency-bound.
+            Vec max0 = neg_inf, max1 = neg_inf, max2 = neg_inf, max3 = neg_inf;
+            int64_t c = 0;
+            for (; c + 4 * Vec::size() <= padded_cols; c += 4 * Vec::size()) {
+              max0 = max_ignoring_nan(max0, Vec::loadu(s_row + c));
+              max1 = max_ignoring_nan(max1, Vec::loadu(s_row + c + Vec::size()));
+              max2 = max_ignoring_nan(max2, Vec::loadu(s_row + c + 2 * Vec::size()));
+              max3 = max_ignoring_nan(max3, Vec::loadu(s_row + c + 3 * Vec::size()));
+            }
+            for (; c < padded_cols; c += Vec::size()) max0 = max_ignoring_nan(max0, Vec::loadu(s_row + c));
+            const Vec step_max = max_ignoring_nan(max_ignoring_nan(max0, max1), max_ignoring_nan(max2, max3));
             const float old_max = ws.row_max[r];
             // NaN-propagating here (once per row and step); a NaN that the running max missed reaches the
             // output through its exp and the row's sum (store below).
@@ -273,13 +282,13 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
             const Vec neg_shift(-shift);
             Vec sum = zero;
             scalar_t* p_row = ws.p.data() + r * kVnniKeys;
-            for (int64_t c = 0; c < padded_cols; c += 2 * Vec::size()) {
+            for (c = 0; c < padded_cols; c += 2 * Vec::size()) {
               const Vec p0 = vec_exp(at::vec::fmadd(Vec::loadu(s_row + c), scale_vec, neg_shift));
               const Vec p1 = c + Vec::size() < padded_cols
                                  ? vec_exp(at::vec::fmadd(Vec::loadu(s_row + c + Vec::size()), scale_vec, neg_shift))
                                  : zero;
               sum = sum + p0 + p1;
-              at::vec::convert_from_float<scalar_t>(p0, p1).store(p_row + c);
+              store_rounded(p0, p1, p_row + c);
             }
             std::fill(p_row + round_up(padded_cols, 2 * Vec::size()), p_row + depth, scalar_t(0));
             const float rescale = std::exp(old_max - shift);
