@@ -31,11 +31,18 @@
 //   B x H_kv >= kMinBackwardTasks) and Delta (B H T); per thread, tiles of at most ~0.5 MiB. D' is D
 //   rounded up to kPad.
 //
-// fp32 and fp64 compute in their own type; fp16 and bf16 are converted to fp32 on loading a tile.
+// fp32 and fp64 compute in their own type. bf16 and fp16 run in 16-bit tiles on ATen's brgemm (oneDNN's
+// micro-kernels: AMX on Sapphire Rapids and later, avx512-bf16 dot products elsewhere) where this CPU's oneDNN
+// has them and the GEMM engine is "blas" (the default; set_attention_gemm): products of the inputs' own values
+// summed in fp32, P and dS rounded to the input dtype for the GEMMs that take them, as SDPA and FlashAttention
+// do (attention_forward_16bit_kernel, the kVnni backward). Elsewhere they are converted to fp32 on loading a
+// tile. The fp32 tiles' score GEMMs stay on fastllm's register micro-kernel in both passes, so that the
+// backward's P is exactly 1 where the forward's was; P V and the backward's dS K take fp32 brgemm.
 // Against SDPA on a grid of shapes, dtypes and masks (2 threads): bench/RESULTS.md, peers-attention, measured
 // with bench/attention_grid.py and bench/cases/attention.py.
 //
-// Files: attention.h (tile sizes, the tile GEMM, row helpers, geometry, the task scheduler),
+// Files: attention.h (tile sizes, the tile GEMMs and engines, VNNI-2 packing, row helpers, geometry, the task
+// scheduler),
 // attention_forward.cpp (forward and decode), attention_backward.cpp (backward), and this one (sequence
 // boundaries and the argument checks shared by the entry points).
 #include "attention.h"
