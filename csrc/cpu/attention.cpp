@@ -36,8 +36,7 @@
 // has them and the GEMM engine is "blas" (the default; set_attention_gemm): products of the inputs' own values
 // summed in fp32, P and dS rounded to the input dtype for the GEMMs that take them, as SDPA and FlashAttention
 // do (attention_forward_16bit_kernel, the kVnni backward). Elsewhere they are converted to fp32 on loading a
-// tile. The fp32 tiles' score GEMMs stay on fastllm's register micro-kernel in both passes, so that the
-// backward's P is exactly 1 where the forward's was; P V and the backward's dS K take fp32 brgemm.
+// tile, and every fp32 tile GEMM runs on fastllm's register micro-kernel (attention.h, GemmEngine: why).
 // Against SDPA on a grid of shapes, dtypes and masks (2 threads): bench/RESULTS.md, peers-attention, measured
 // with bench/attention_grid.py and bench/cases/attention.py.
 //

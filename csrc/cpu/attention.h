@@ -128,25 +128,13 @@ void gemm(int64_t m, int64_t n, int64_t depth, const acc_t* a, int64_t lda, cons
   }
 }
 
-// Which engine runs the tile GEMMs that may use BLAS (tile_gemm): ATen's brgemm (oneDNN's batch-reduce GEMM
-// micro-kernels, built for this CPU at run time) or the register micro-kernel above. Set by
-// set_attention_gemm (attention.cpp), for benchmarks and tests that compare the two.
+// Which engine runs the tile GEMMs of bf16 and fp16: ATen's brgemm on 16-bit tiles (oneDNN's micro-kernels, built
+// for this CPU at run time; where it has them) or the register micro-kernel above on fp32 tiles. fp32 and fp64
+// always take the register micro-kernel: its sums do not depend on the CPU model (oneDNN picks its kernels by
+// CPU), the backward recomputes the forward's scores to the bit, and fp32 brgemm for P V and dS K was only 0-10%
+// faster (bench/RESULTS.md). Set by set_attention_gemm (attention.cpp), for benchmarks and tests.
 enum class GemmEngine { kRegisters, kBlas };
 GemmEngine gemm_engine();
-
-// C[m x n] (+)= A[m x depth] B[depth x n] (row-major, as gemm) by the current engine; double always takes the
-// register micro-kernel (ATen has no double brgemm).
-template <typename acc_t>
-void tile_gemm(int64_t m, int64_t n, int64_t depth, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
-               acc_t* c, int64_t ldc, bool accumulate) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    if (gemm_engine() == GemmEngine::kBlas) {
-      at::native::cpublas::brgemm(m, n, depth, lda, ldb, ldc, accumulate, a, b, c, /*is_vnni=*/false);
-      return;
-    }
-  }
-  gemm<acc_t>(m, n, depth, a, lda, b, ldb, c, ldc, accumulate);
-}
 
 // ---------------------------------------------------------------------------------------------------------
 // 16-bit tiles for brgemm (bf16 / fp16 on CPUs whose oneDNN has 16-bit micro-kernels: AMX, avx512-bf16)

@@ -304,14 +304,11 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
                 load_rows(dout + (token * heads_q + h) * dim, q_stride, rows, dim, ws.dout.data(), pdim);
                 load_row_stats(ws, h, token, rows);
                 // P = exp(scale S - lse), 0 for unseen keys and the padding.
-                // The register micro-kernel, as the forward's fp32 tiles: the same sums of the same products, so
-                // that P recomputed from the saved lse is exactly 1 where the forward's was.
                 gemm(rows, padded_cols, pdim, ws.q.data(), pdim, ws.kt.data(), kBlockK, ws.p.data(), kBlockK, false);
                 if (padded_cols != cols || !seq.tile_unmasked(i0, i0 + rows, j0, j0 + cols)) {
                   mask_tile(seq, i0, rows, j0, cols, padded_cols, ws.p.data(), kBlockK);
                 }
-                // dP = dO V^T into ds, then dS = P (dP - Delta). Always the register micro-kernel: Delta's dot
-                // repeats its exact order (see there).
+                // dP = dO V^T into ds, then dS = P (dP - Delta).
                 gemm(rows, padded_cols, pdim, ws.dout.data(), pdim, ws.vt.data(), kBlockK, ws.ds.data(), kBlockK, false);
                 probabilities_and_dscores(ws, rows, padded_cols, kBlockK);
                 acc_t* product = ws.product.data();
@@ -321,7 +318,7 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
                 gemm<acc_t, /*kTransA=*/true>(cols, pdim, rows, ws.ds.data(), kBlockK, ws.q.data(), pdim, product,
                                                pdim, false);
                 add_tile(product, cols, pdim, ws.dk.data(), pdim);
-                tile_gemm(rows, pdim, cols, ws.ds.data(), kBlockK, ws.k.data(), pdim, product, pdim, false);
+                gemm(rows, pdim, cols, ws.ds.data(), kBlockK, ws.k.data(), pdim, product, pdim, false);
                 add_dq(product, task, h, i0, token, rows);
               }
             }

@@ -165,8 +165,6 @@ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar
         for (int64_t j0 = first_key / kBlockK * kBlockK; j0 <= last_key; j0 += kBlockK) {
           const int64_t cols = std::min(kBlockK, seq.k_len - j0);
           const int64_t tile = first_tile[task.batch] + kv_head * tiles_per_head + j0 / kBlockK;
-          // Not tile_gemm: the backward recomputes these scores with the register micro-kernel, and the two
-          // must agree bit for bit (brgemm sums in another order: P = 1 came back 6 ulp off at head dim 256).
           gemm(cols, padded_rows, pdim, packed_k.data() + tile * tile_elems, pdim, ws.qt.data(), kBlockQ,
                ws.st.data(), kBlockQ, /*accumulate=*/false);
           // Padding queries (rows <= c < padded_rows) need no mask: their zero Q gives finite scores, and
@@ -178,8 +176,8 @@ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar
             online_softmax_column(ws.st.data() + c, cols, ws.ot.data() + c, pdim, ws.row_max.data() + c,
                                   ws.row_sum.data() + c, scale);
           }
-          tile_gemm(pdim, padded_rows, cols, packed_vt.data() + tile * tile_elems, kBlockK, ws.st.data(), kBlockQ,
-                    ws.ot.data(), kBlockQ, /*accumulate=*/true);
+          gemm(pdim, padded_rows, cols, packed_vt.data() + tile * tile_elems, kBlockK, ws.st.data(), kBlockQ,
+               ws.ot.data(), kBlockQ, /*accumulate=*/true);
         }
 
         store_output_rows(seq, i0, rows, task.head, heads_q, dim, total_q, ws, out, lse);

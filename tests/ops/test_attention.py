@@ -338,9 +338,9 @@ def test_cpp_kernel_checks_offsets_itself():
         _cpp.load().attention_forward(q, k, k, cu_q, cu_k, None, 4, 9, 0.25, -1, -1)
 
 
-# The C++ kernel's tile GEMMs run on ATen's brgemm by default (for bf16 and fp16 on CPUs whose oneDNN has 16-bit
-# micro-kernels, the whole forward then keeps 16-bit tiles); set_attention_gemm("registers") switches to
-# fastllm's own micro-kernel, which bench/attention_grid.py compares. The full product above runs the default;
+# The C++ kernel's bf16 and fp16 tile GEMMs run on ATen's brgemm in 16-bit tiles by default, on CPUs whose oneDNN
+# has 16-bit micro-kernels (AMX, avx512-bf16); set_attention_gemm("registers") puts them on fastllm's own
+# micro-kernel in fp32 tiles (as fp32 always is), which bench/attention_grid.py compares. The full product above runs the default;
 # this is the other engine on every dtype and mask, over a multi-tile, an odd-head-dim and a one-query case.
 REGISTER_ENGINE_CASES = [pytest.param(dtype, mask, case, id=_case_id(dtype, mask, *case)) for dtype, mask, case in
                          itertools.product(DTYPES, MASKS, [("gqa", 59, (113, 203)), ("mha", 128, (257, 257)),
