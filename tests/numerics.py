@@ -48,3 +48,16 @@ def _assert_same_nonfinite(name, actual, expected):
             i = int(mismatch.flatten().nonzero()[0])
             raise AssertionError(f"{name}: {label} disagreement at flat index {i}: got {actual.flatten()[i].item()}, "
                                  f"expected {expected.flatten()[i].item()}")
+
+
+def key_bias_mask(model):
+    """True on `model`'s flattened parameters but the attention's key bias (the middle third of each c_attn.bias):
+    softmax ignores it, so its gradient is rounding noise, which AdamW (eps 1e-8) turns into steps of lr size that
+    two summation orders (two processes, fused vs materialised heads, two CPU models' BLAS) do not share."""
+    keep = []
+    for name, p in model.named_parameters():
+        m = torch.ones_like(p, dtype=torch.bool)
+        if name.endswith("attn.c_attn.bias"):
+            m[p.numel() // 3:2 * p.numel() // 3] = False
+        keep.append(m.flatten())
+    return torch.cat(keep)

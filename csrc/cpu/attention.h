@@ -273,12 +273,11 @@ void load_rows(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t di
 }
 
 // dst[d * ld + r] = src[r * src_stride + d]: the transposed tile (K^T, V^T) the score GEMMs take as B, zero in
-// the padding (d >= dim, or rows <= r < width) of its padded_dim x width block.
+// the padding (d >= dim, or rows <= r < ld).
 template <typename scalar_t, typename acc_t>
 void load_rows_transposed(const scalar_t* src, int64_t src_stride, int64_t rows, int64_t dim, int64_t padded_dim,
-                          acc_t* dst, int64_t ld, int64_t width = -1) {
-  width = width < 0 ? ld : width;
-  for (int64_t d = 0; d < padded_dim; ++d) std::fill(dst + d * ld, dst + d * ld + width, acc_t(0));
+                          acc_t* dst, int64_t ld) {
+  std::fill(dst, dst + padded_dim * ld, acc_t(0));
   for (int64_t r = 0; r < rows; ++r) {
     const scalar_t* row = src + r * src_stride;
     for (int64_t d = 0; d < dim; ++d) dst[d * ld + r] = static_cast<acc_t>(row[d]);

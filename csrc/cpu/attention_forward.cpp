@@ -53,6 +53,16 @@ struct ForwardWorkspace {
 // keys rather than per 64 (the calls' fixed cost), and one rescale of O per step.
 constexpr int64_t kVnniKeys = 8 * kBlockK;
 
+// A finished row's output factor 1 / l and its lse m + log l (in double: the backward splits lse into an acc_t
+// high part and the remainder, see there), from its running max m and sum l. l = 0: the row saw no key (output 0,
+// lse -inf); a NaN max or sum: a NaN score (outputs and lse NaN).
+template <typename acc_t>
+inline std::pair<acc_t, double> finish_row(acc_t m, acc_t l) {
+  const bool nan = std::isnan(m) || std::isnan(l);
+  const acc_t factor = nan ? std::numeric_limits<acc_t>::quiet_NaN() : l > 0 ? acc_t(1) / l : acc_t(0);
+  return {factor, nan || l > 0 ? static_cast<double>(m) + std::log(static_cast<double>(l)) : -kInf<double>};
+}
+
 // out = O^T's columns / l and lse = m + log l for the task's rows (O^T, m and l in the workspace).
 template <typename scalar_t, typename Workspace>
 void store_output_rows(const Sequence& seq, int64_t i0, int64_t rows, int64_t head, int64_t heads_q, int64_t dim,
@@ -62,13 +72,9 @@ void store_output_rows(const Sequence& seq, int64_t i0, int64_t rows, int64_t he
     const acc_t m = ws.row_max[r], l = ws.row_sum[r];
     const int64_t token = seq.q_start + i0 + r;
     for (int64_t d = 0; d < dim; ++d) ws.out_row[d] = ws.ot[d * kBlockQ + r];
-    // l = 0: the row saw no key (output 0, lse -inf); a NaN max or sum: a NaN score (outputs NaN).
-    const bool nan = std::isnan(m) || std::isnan(l);
-    const acc_t factor = nan ? std::numeric_limits<acc_t>::quiet_NaN() : l > 0 ? acc_t(1) / l : acc_t(0);
+    const auto [factor, row_lse] = finish_row(m, l);
     store_row(ws.out_row.data(), dim, factor, out + (token * heads_q + head) * dim);
-    // In double: the backward splits lse into an acc_t high part and the remainder (see there).
-    lse[head * total_q + token] =
-        nan || l > 0 ? static_cast<double>(m) + std::log(static_cast<double>(l)) : -kInf<double>;
+    lse[head * total_q + token] = row_lse;
   }
 }
 
@@ -305,11 +311,9 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
         for (int64_t r = 0; r < rows; ++r) {
           const float m = ws.row_max[r], l = ws.row_sum[r];
           const int64_t token = seq.q_start + i0 + r;
-          const bool nan = std::isnan(m) || std::isnan(l);
-          const float factor = nan ? std::numeric_limits<float>::quiet_NaN() : l > 0 ? 1.0f / l : 0.0f;
+          const auto [factor, row_lse] = finish_row(m, l);
           store_row(ws.o.data() + r * pdim, dim, factor, out + (token * heads_q + task.head) * dim);
-          lse[task.head * total_q + token] =
-              nan || l > 0 ? static_cast<double>(m) + std::log(static_cast<double>(l)) : -kInf<double>;
+          lse[task.head * total_q + token] = row_lse;
         }
       });
 }
@@ -418,10 +422,9 @@ void attention_decode_kernel(const scalar_t* q, const scalar_t* k, const scalar_
       for (int64_t jj = 0; jj < keys; ++jj) {
         axpy(scores[jj], acc_row(row_of(v, jj), dim, kv_row.data()), out_row.data(), dim);
       }
-      const acc_t factor = std::isnan(m) ? m : l > 0 ? acc_t(1) / l : acc_t(0);
+      const auto [factor, row_lse] = finish_row(m, l);
       store_row(out_row.data(), dim, factor, out + (token * heads_q + head) * dim);
-      lse[head * total_q + token] =
-          std::isnan(m) || l > 0 ? static_cast<double>(m) + std::log(static_cast<double>(l)) : -kInf<double>;
+      lse[head * total_q + token] = row_lse;
     }
   });
 }

@@ -9,6 +9,7 @@ import torch
 
 from ddp_ppo_worker import BASE, GRPO_STEPS, PROMPTS, tiny_gpt  # pytest puts this folder on sys.path
 from fastllm import ops
+from numerics import key_bias_mask
 from fastllm.train.chat import batch_indices
 from fastllm.train.checkpoint import load_checkpoint
 from torchrun_launch import torchrun as launch
@@ -127,18 +128,6 @@ def test_ppo_resume_under_torchrun_continues_exactly(ppo_runs):
 
 
 # ------------------------------------------------------------------------------------------------ FSDP
-def key_bias_mask(model):
-    """True on the flattened parameters but the attention's key bias: softmax ignores it, so its gradient is
-    rounding noise, which AdamW (eps 1e-8) turns into steps of lr size that two reduction orders do not share."""
-    keep = []
-    for name, p in model.named_parameters():
-        m = torch.ones_like(p, dtype=torch.bool)
-        if name.endswith("attn.c_attn.bias"):
-            m[p.numel() // 3:2 * p.numel() // 3] = False
-        keep.append(m.flatten())
-    return torch.cat(keep)
-
-
 def assert_records_close(got, expected):
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
