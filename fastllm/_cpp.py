@@ -20,9 +20,25 @@ def _csrc_dir():
     return str(importlib.resources.files("fastllm.csrc"))
 
 
+# bf16/fp16 attention on ATen's brgemm in 16-bit tiles (AMX, avx512-bf16) instead of fastllm's fp32 tiles:
+# FASTLLM_CPU_ATTENTION_GEMM=blas (opt-in; bench/RESULTS.md, "Attention on an Intel Xeon with AMX").
+ATTENTION_GEMM_VARIABLE = "FASTLLM_CPU_ATTENTION_GEMM"
+
+
 @functools.cache
 def load():
     """Return the extension module, or raise CppUnavailable saying why."""
+    module = _load_module()
+    engine = os.environ.get(ATTENTION_GEMM_VARIABLE)
+    if engine:
+        try:
+            module.set_attention_gemm(engine)
+        except RuntimeError as exc:
+            raise ValueError(f"{ATTENTION_GEMM_VARIABLE} must be 'blas' or 'registers', got {engine!r}") from exc
+    return module
+
+
+def _load_module():
     try:
         from . import _C  # built ahead of time by setup.py with FASTLLM_BUILD_EXT=1
 

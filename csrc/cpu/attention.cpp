@@ -33,7 +33,7 @@
 //
 // fp32 and fp64 compute in their own type. bf16 and fp16 run in 16-bit tiles on ATen's brgemm (oneDNN's
 // micro-kernels: AMX on Sapphire Rapids and later, avx512-bf16 dot products elsewhere) where this CPU's oneDNN
-// has them and the GEMM engine is "blas" (the default; set_attention_gemm): products of the inputs' own values
+// has them and the GEMM engine is "blas" (opt-in: set_attention_gemm, FASTLLM_CPU_ATTENTION_GEMM=blas): products of the inputs' own values
 // summed in fp32, P and dS rounded to the input dtype for the GEMMs that take them, as SDPA and FlashAttention
 // do (attention_forward_16bit_kernel, the kVnni backward). Elsewhere they are converted to fp32 on loading a
 // tile, and every fp32 tile GEMM runs on fastllm's register micro-kernel (attention.h, GemmEngine: why).
@@ -50,7 +50,7 @@ namespace fastllm {
 namespace attention_cpu {
 
 namespace {
-std::atomic<GemmEngine> current_gemm_engine{GemmEngine::kBlas};
+std::atomic<GemmEngine> current_gemm_engine{GemmEngine::kRegisters};
 }  // namespace
 
 GemmEngine gemm_engine() { return current_gemm_engine.load(std::memory_order_relaxed); }

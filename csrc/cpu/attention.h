@@ -128,8 +128,8 @@ void gemm(int64_t m, int64_t n, int64_t depth, const acc_t* a, int64_t lda, cons
   }
 }
 
-// Which engine runs the tile GEMMs of bf16 and fp16: ATen's brgemm on 16-bit tiles (oneDNN's micro-kernels, built
-// for this CPU at run time; where it has them) or the register micro-kernel above on fp32 tiles. fp32 and fp64
+// Which engine runs the tile GEMMs of bf16 and fp16: the register micro-kernel above on fp32 tiles (the default)
+// or ATen's brgemm on 16-bit tiles (oneDNN's micro-kernels, built for this CPU at run time; where it has them). fp32 and fp64
 // always take the register micro-kernel: its sums do not depend on the CPU model (oneDNN picks its kernels by
 // CPU), the backward recomputes the forward's scores to the bit, and fp32 brgemm for P V and dS K was only 0-10%
 // faster (bench/RESULTS.md). Set by set_attention_gemm (attention.cpp), for benchmarks and tests.
