@@ -11,6 +11,7 @@ tile-GEMM engines (--engines): "blas", the default (ATen's brgemm; 16-bit tiles 
 where the CPU has them, e.g. AMX), and "registers" (fastllm's own micro-kernel on fp32 tiles).
 """
 import argparse
+import contextlib
 import os
 import statistics
 
@@ -37,17 +38,24 @@ def sdpa(q, k, v, causal):
     return out.transpose(1, 2)
 
 
-def fastllm_attention(engine):
+def fastllm_attention(q, k, v, causal):
+    with fastllm.use_backend("cpp"):
+        return fastllm.ops.attention(q, k, v, causal=causal)
+
+
+@contextlib.contextmanager
+def gemm_engine(engine):
+    """The C++ attention's GEMM engine for the block: its forward and its backward (run later by autograd)."""
+    if engine is None:
+        yield
+        return
     from fastllm import _cpp
 
-    def attention(q, k, v, causal):
-        previous = _cpp.load().set_attention_gemm(engine)
-        try:
-            with fastllm.use_backend("cpp"):
-                return fastllm.ops.attention(q, k, v, causal=causal)
-        finally:
-            _cpp.load().set_attention_gemm(previous)
-    return attention
+    previous = _cpp.load().set_attention_gemm(engine)
+    try:
+        yield
+    finally:
+        _cpp.load().set_attention_gemm(previous)
 
 
 def measure(shape, dtype, causal, rounds, engines):
@@ -56,22 +64,23 @@ def measure(shape, dtype, causal, rounds, engines):
     q, k, v = (torch.randn(batch, seqlen, heads, head_dim, generator=generator).to(dtype).requires_grad_()
                for heads in (heads_q, heads_kv, heads_kv))
     dout = torch.randn(batch, seqlen, heads_q, head_dim, generator=generator).to(dtype)
-    variants = {**{engine: fastllm_attention(engine) for engine in engines}, "sdpa": sdpa}
+    variants = {**{engine: (fastllm_attention, engine) for engine in engines}, "sdpa": (sdpa, None)}
 
-    def forward(fn):
+    def forward(fn, engine):
         def call():
-            with torch.no_grad():
+            with torch.no_grad(), gemm_engine(engine):
                 fn(q, k, v, causal)
         return call
 
-    def forward_backward(fn):
+    def forward_backward(fn, engine):
         def call():
-            torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout)
+            with gemm_engine(engine):
+                torch.autograd.grad(fn(q, k, v, causal), (q, k, v), dout)
         return call
 
     row = {}
     for mode, wrap in (("fwd", forward), ("fwd+bwd", forward_backward)):
-        times = time_rotating({name: wrap(fn) for name, fn in variants.items()}, rounds, warmup=1)
+        times = time_rotating({name: wrap(*variant) for name, variant in variants.items()}, rounds, warmup=1)
         row[mode] = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     return row
 

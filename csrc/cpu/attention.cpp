@@ -33,9 +33,10 @@
 //
 // fp32 and fp64 compute in their own type. bf16 and fp16 run in 16-bit tiles on ATen's brgemm (oneDNN's
 // micro-kernels: AMX on Sapphire Rapids and later, avx512-bf16 dot products elsewhere) where this CPU's oneDNN
-// has them and the GEMM engine is "blas" (opt-in: set_attention_gemm, FASTLLM_CPU_ATTENTION_GEMM=blas): products of the inputs' own values
-// summed in fp32, P and dS rounded to the input dtype for the GEMMs that take them, as SDPA and FlashAttention
-// do (attention_forward_16bit_kernel, the kVnni backward). Elsewhere they are converted to fp32 on loading a
+// has them and the GEMM engine is "blas" (opt-in: set_attention_gemm, FASTLLM_CPU_ATTENTION_GEMM=blas):
+// products of the inputs' own values summed in fp32; the forward's P goes to P V as two 16-bit parts (high +
+// low, ~16 mantissa bits), the backward's P and dS rounded to the input dtype, as SDPA and FlashAttention round
+// both (attention_forward_16bit_kernel, the kVnni backward). Elsewhere they are converted to fp32 on loading a
 // tile, and every fp32 tile GEMM runs on fastllm's register micro-kernel (attention.h, GemmEngine: why).
 // Against SDPA on a grid of shapes, dtypes and masks (2 threads): bench/RESULTS.md, peers-attention, measured
 // with bench/attention_grid.py and bench/cases/attention.py.

@@ -200,12 +200,20 @@ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar
 // cost transposes and lane interleaves on every tile instead (1.4-2x slower on AMX).
 template <typename scalar_t>
 struct Forward16Workspace {
-  std::vector<scalar_t> q, p;  // padded Q rows (when head_dim needs padding), P of one step
+  // padded Q rows (when head_dim needs padding), and P of one step as two 16-bit parts (high and low)
+  std::vector<scalar_t> q, p, p_low;
   std::vector<float> s, o, row_max, row_sum;
   explicit Forward16Workspace(int64_t padded_dim)
-      : q(kBlockQ * padded_dim), p(kBlockQ * kVnniKeys), s(kBlockQ * kVnniKeys), o(kBlockQ * padded_dim),
+      : q(kBlockQ * padded_dim), p(kBlockQ * kVnniKeys), p_low(kBlockQ * kVnniKeys), s(kBlockQ * kVnniKeys),
+        o(kBlockQ * padded_dim),
         row_max(kBlockQ), row_sum(kBlockQ) {}
 };
+
+// The bits of an fp32 value that a 16-bit type keeps exactly: bf16 is the top 16 bits (sign, exponent, 7 mantissa
+// bits); fp16 keeps 10 mantissa bits (for the values of P, in [2^-14, 1], which P's high part needs).
+template <typename scalar_t>
+const Vectorized<float> kHighBits = Vectorized<float>(
+    c10::bit_cast<float>(std::is_same_v<scalar_t, at::BFloat16> ? 0xFFFF0000u : 0xFFFFE000u));
 
 template <typename scalar_t>
 void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const Shape& shape,
@@ -286,15 +294,20 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
             const Vec neg_shift(-shift);
             Vec sum = zero;
             scalar_t* p_row = ws.p.data() + r * kVnniKeys;
+            scalar_t* p_low_row = ws.p_low.data() + r * kVnniKeys;
             for (c = 0; c < padded_cols; c += 2 * Vec::size()) {
               const Vec p0 = vec_exp(at::vec::fmadd(Vec::loadu(s_row + c), scale_vec, neg_shift));
               const Vec p1 = c + Vec::size() < padded_cols
                                  ? vec_exp(at::vec::fmadd(Vec::loadu(s_row + c + Vec::size()), scale_vec, neg_shift))
                                  : zero;
               sum = sum + p0 + p1;
-              store_rounded(p0, p1, p_row + c);
+              // P = high + low: high is p truncated to scalar_t's bits (exact in it), low the rest, rounded.
+              const Vec high0 = p0 & kHighBits<scalar_t>, high1 = p1 & kHighBits<scalar_t>;
+              store_rounded(high0, high1, p_row + c);
+              store_rounded(p0 - high0, p1 - high1, p_low_row + c);
             }
             std::fill(p_row + round_up(padded_cols, 2 * Vec::size()), p_row + depth, scalar_t(0));
+            std::fill(p_low_row + round_up(padded_cols, 2 * Vec::size()), p_low_row + depth, scalar_t(0));
             const float rescale = std::exp(old_max - shift);
             ws.row_sum[r] = ws.row_sum[r] * rescale + reduce_sum(sum);
             ws.row_max[r] = new_max;
@@ -303,8 +316,10 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
               for (int64_t d = 0; d < pdim; d += Vec::size()) (Vec::loadu(o_row + d) * Vec(rescale)).store(o_row + d);
             }
           }
-          brgemm(rows, pdim, depth, kVnniKeys, pdim, pdim, /*add_C=*/true, ws.p.data(),
-                 packed_v.data() + base + j0 * pdim, ws.o.data(), /*is_vnni=*/true);  // O += P V
+          for (const scalar_t* part : {ws.p.data(), ws.p_low.data()}) {  // O += P V, P in two parts
+            brgemm(rows, pdim, depth, kVnniKeys, pdim, pdim, /*add_C=*/true, part, packed_v.data() + base + j0 * pdim,
+                   ws.o.data(), /*is_vnni=*/true);
+          }
         }
         at::native::cpublas::brgemm_release(/*is_vnni=*/true);  // AMX's tile state
 
