@@ -38,6 +38,18 @@ def fsdp_collectives(group) -> tuple[object, object]:
     return SharedMemoryAllGather(channel), SharedMemoryReduceScatter(channel)
 
 
+class _FsdpCollective:
+    """What FSDP2's custom collectives share: plain buffers (allocate), and the reduce ops they implement."""
+
+    def allocate(self, size, *, dtype, device):
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def check_reduce_op(self, op):
+        # FSDP2 reduce-scatters with SUM or AVG; PREMUL_SUM (set_gradient_divide_factor) is not implemented here.
+        if op not in (torch_dist.ReduceOp.SUM, torch_dist.ReduceOp.AVG):
+            raise NotImplementedError(f"{type(self).__name__}: op must be SUM or AVG, got {op}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One host: shared memory
 
@@ -100,6 +112,8 @@ class SharedMemoryChannel:
         torch_dist.barrier(group=self.group)
 
     def check(self, group, name: str):
+        if group is self.group:  # every call FSDP makes, on the group the channel was opened for
+            return
         if tuple(torch_dist.get_process_group_ranks(group)) != tuple(torch_dist.get_process_group_ranks(self.group)):
             raise ValueError(f"{name}: called on a group of ranks {torch_dist.get_process_group_ranks(group)}, "
                              f"but its channel is for ranks {torch_dist.get_process_group_ranks(self.group)}")
@@ -111,14 +125,11 @@ def _as_bytes(tensor: torch.Tensor, name: str) -> torch.Tensor:
     return tensor.reshape(-1).view(torch.uint8)
 
 
-class SharedMemoryAllGather:
+class SharedMemoryAllGather(_FsdpCollective):
     """FSDP2 all-gather (rank i's shard into chunk i of the output) through a SharedMemoryChannel."""
 
     def __init__(self, channel: SharedMemoryChannel):
         self.channel = channel
-
-    def allocate(self, size, *, dtype, device):
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
         channel = self.channel
@@ -144,7 +155,7 @@ class SharedMemoryAllGather:
         return completed_work(async_op)
 
 
-class SharedMemoryReduceScatter:
+class SharedMemoryReduceScatter(_FsdpCollective):
     """FSDP2 reduce-scatter (sum or average) through a SharedMemoryChannel: per piece each rank writes chunk
     j of its input into slot j of its region, then adds its own chunk and slot `rank` of every other region,
     in rank order (the same rounding whichever rank owns the chunk)."""
@@ -152,12 +163,8 @@ class SharedMemoryReduceScatter:
     def __init__(self, channel: SharedMemoryChannel):
         self.channel = channel
 
-    def allocate(self, size, *, dtype, device):
-        return torch.empty(*size, dtype=dtype, device=device)
-
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-        if op not in (torch_dist.ReduceOp.SUM, torch_dist.ReduceOp.AVG):
-            raise NotImplementedError(f"{type(self).__name__}: op must be SUM or AVG, got {op}")
+        self.check_reduce_op(op)
         channel = self.channel
         channel.check(group, type(self).__name__)
         world, rank = channel.world, channel.rank
@@ -187,11 +194,8 @@ class SharedMemoryReduceScatter:
 # ---------------------------------------------------------------------------------------------------------
 # Across hosts: gloo's broadcast and send/recv
 
-class GlooAllGather:
+class GlooAllGather(_FsdpCollective):
     """FSDP2 all-gather as one broadcast per rank (rank i's shard into chunk i of the output)."""
-
-    def allocate(self, size, *, dtype, device):
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
         chunks = output_tensor.chunk(group.size())
@@ -202,18 +206,14 @@ class GlooAllGather:
         return completed_work(async_op)
 
 
-class GlooReduceScatter:
+class GlooReduceScatter(_FsdpCollective):
     """FSDP2 reduce-scatter (sum or average) as direct send/recv: each rank sends chunk j of its input to rank
     j and adds what it receives into its own chunk. Synchronous: finishing it later in the backward
     (overlapped with the next blocks) kept every block's buffers alive meanwhile, +97 MiB per rank on the
     50M-parameter bench for no measurable speed."""
 
-    def allocate(self, size, *, dtype, device):
-        return torch.empty(*size, dtype=dtype, device=device)
-
     def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
-        if op not in (torch_dist.ReduceOp.SUM, torch_dist.ReduceOp.AVG):
-            raise NotImplementedError(f"{type(self).__name__}: op must be SUM or AVG, got {op}")
+        self.check_reduce_op(op)
         world, rank = group.size(), group.rank()
         chunks = input_tensor.chunk(world)
         received = torch.empty((world - 1, output_tensor.numel()), dtype=output_tensor.dtype,

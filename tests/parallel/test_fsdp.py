@@ -238,3 +238,16 @@ def test_export_needs_a_model_config(tmp_path):
     save_checkpoint(tmp_path / "checkpoints", 1, models={"model": torch.nn.Linear(2, 2)})
     with pytest.raises(CheckpointError, match="no config.json"):
         export_checkpoint(tmp_path, tmp_path / "out")
+
+
+def test_reduce_scatter_names_the_ops_it_implements():
+    """FSDP2 reduce-scatters with SUM or AVG; any other op (PREMUL_SUM under set_gradient_divide_factor) is refused
+    by name before anything is sent."""
+    import torch.distributed as torch_dist
+
+    from fastllm.train import collectives
+
+    out, full = torch.empty(3), torch.randn(6)
+    for reduce_scatter in (collectives.GlooReduceScatter(), collectives.SharedMemoryReduceScatter(channel=None)):
+        with pytest.raises(NotImplementedError, match="op must be SUM or AVG, got"):
+            reduce_scatter(out, full, group=None, op=torch_dist.ReduceOp.MAX)
