@@ -20,8 +20,9 @@ def _csrc_dir():
     return str(importlib.resources.files("fastllm.csrc"))
 
 
-# bf16/fp16 attention on ATen's brgemm in 16-bit tiles (AMX, avx512-bf16) instead of fastllm's fp32 tiles:
-# FASTLLM_CPU_ATTENTION_GEMM=blas (opt-in; bench/RESULTS.md, "Attention on an Intel Xeon with AMX").
+# bf16/fp16 attention's tile GEMMs: "blas" (the default) runs them in 16-bit tiles on ATen's brgemm where oneDNN
+# has 16-bit micro-kernels (AMX, avx512-bf16), else in fastllm's fp32 tiles; "registers" always in fp32 tiles
+# (bench/RESULTS.md, "Attention on an Intel Xeon with AMX").
 ATTENTION_GEMM_VARIABLE = "FASTLLM_CPU_ATTENTION_GEMM"
 
 

@@ -128,8 +128,9 @@ void gemm(int64_t m, int64_t n, int64_t depth, const acc_t* a, int64_t lda, cons
   }
 }
 
-// Which engine runs the tile GEMMs of bf16 and fp16: the register micro-kernel above on fp32 tiles (the default)
-// or ATen's brgemm on 16-bit tiles (oneDNN's micro-kernels, built for this CPU at run time; where it has them). fp32 and fp64
+// Which engine runs the tile GEMMs of bf16 and fp16: ATen's brgemm on 16-bit tiles (the default; oneDNN's
+// micro-kernels, built for this CPU at run time, where it has them: 2-3x the fp32 tiles' speed with AMX) or the
+// register micro-kernel above on fp32 tiles (everywhere else, and when set). fp32 and fp64
 // always take the register micro-kernel: its sums do not depend on the CPU model (oneDNN picks its kernels by
 // CPU), the backward recomputes the forward's scores to the bit, and fp32 brgemm for P V and dS K was only 0-10%
 // faster (bench/RESULTS.md). Set by set_attention_gemm (attention.cpp), for benchmarks and tests.
@@ -209,18 +210,61 @@ inline void store_rounded(const Vectorized<float>& low, const Vectorized<float>&
   at::vec::convert_from_float<scalar_t>(low, high).store(dst);
 }
 
-// dst = rows [0, rows) of the fp32 matrix src (ld apart, n columns, zero rows up to depth) rounded to scalar_t,
-// in VNNI-2 order: two rows interleaved lane by lane, then converted.
+// The part of fp32 values that scalar_t holds exactly, and the rest: x = high + (x - high), the difference exact
+// in fp32. bf16's high part is x truncated to its top 16 bits; fp16's is x rounded to fp16 (a mask would be
+// wrong outside fp16's normal range). Two 16-bit GEMMs on the parts carry ~16 mantissa bits of x where one
+// carries 8 (bf16): what a 16-bit matrix costs in accuracy where an fp32 one (P, dS) is split into it.
 template <typename scalar_t>
-void pack_rows_vnni(const float* src, int64_t ld, int64_t rows, int64_t depth, int64_t n, scalar_t* dst) {
+inline Vectorized<float> high_part(const Vectorized<float>& x) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return x & Vectorized<float>(c10::bit_cast<float>(0xFFFF0000u));
+  } else {
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(x, x)));
+  }
+}
+
+// dst = rows [0, rows) of the fp32 matrix src (ld apart, n columns, zero rows up to depth) in VNNI-2 order (two
+// rows interleaved lane by lane), rounded to scalar_t; with low, dst gets high_part and low the rest, rounded.
+template <typename scalar_t>
+void pack_rows_vnni(const float* src, int64_t ld, int64_t rows, int64_t depth, int64_t n, scalar_t* dst,
+                    scalar_t* low = nullptr) {
   using Vec = Vectorized<float>;
   const Vec zero(0.0f);
   for (int64_t r = 0; r < depth; r += 2) {
     for (int64_t c = 0; c < n; c += Vec::size()) {
       const Vec a = r < rows ? Vec::loadu(src + r * ld + c) : zero;
       const Vec b = r + 1 < rows ? Vec::loadu(src + (r + 1) * ld + c) : zero;
-      const auto [low, high] = at::vec::interleave2(a, b);
-      store_rounded(low, high, dst + r * n + 2 * c);
+      const auto [first, second] = at::vec::interleave2(a, b);
+      if (low == nullptr) {
+        store_rounded(first, second, dst + r * n + 2 * c);
+      } else {
+        const Vec first_high = high_part<scalar_t>(first), second_high = high_part<scalar_t>(second);
+        store_rounded(first_high, second_high, dst + r * n + 2 * c);
+        store_rounded(first - first_high, second - second_high, low + r * n + 2 * c);
+      }
+    }
+  }
+}
+
+// Each of `rows` fp32 rows of src (ld apart, n columns, n a multiple of Vec::size()) as two 16-bit parts side by
+// side in dst (ld_dst apart): high_part in [0, n), the rest rounded in [n, 2 n). Writes run in pairs of vectors,
+// so up to Vec::size() zeros past each part: the high part's are overwritten by the low part, whose own must fit
+// in ld_dst (2 n + Vec::size() <= ld_dst where n is an odd number of vectors).
+template <typename scalar_t>
+void split_rows(const float* src, int64_t ld, int64_t rows, int64_t n, scalar_t* dst, int64_t ld_dst) {
+  using Vec = Vectorized<float>;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = src + r * ld;
+    scalar_t* out = dst + r * ld_dst;
+    for (int64_t c = 0; c < n; c += 2 * Vec::size()) {
+      const Vec first = Vec::loadu(row + c);
+      const Vec second = c + Vec::size() < n ? Vec::loadu(row + c + Vec::size()) : Vec(0.0f);
+      store_rounded(high_part<scalar_t>(first), high_part<scalar_t>(second), out + c);
+    }
+    for (int64_t c = 0; c < n; c += 2 * Vec::size()) {
+      const Vec first = Vec::loadu(row + c);
+      const Vec second = c + Vec::size() < n ? Vec::loadu(row + c + Vec::size()) : Vec(0.0f);
+      store_rounded(first - high_part<scalar_t>(first), second - high_part<scalar_t>(second), out + n + c);
     }
   }
 }

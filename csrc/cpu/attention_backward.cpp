@@ -36,25 +36,34 @@ struct BackwardWorkspace {
         product(std::max(kBlockQ, kBlockK) * padded_dim), dk(kBlockK * padded_dim), dv(kBlockK * padded_dim) {}
 };
 
-// The 16-bit path (bf16 / fp16 where use_16bit_tiles: brgemm on the inputs' own values, fp32 sums; P and dS
-// rounded to the input dtype for the three GEMMs that take them, as SDPA's and FlashAttention's backward
-// do). dK and dV are summed as dK^T, dV^T in fp32 by the GEMMs themselves (the tolerance of a 16-bit gradient),
-// dQ through the same double partials as above. Key side: K^T and V^T as VNNI-2 B operands of S and dP, K of
-// dQ; query side: Q and dO as the A operands of S and dP (in place when head_dim needs no padding), Q^T and
-// dO^T as those of dK^T and dV^T (transposed once per query tile, before the tasks).
+// The 16-bit path (bf16 / fp16 where use_16bit_tiles: brgemm on the inputs' own values, fp32 sums). P reaches
+// dV^T = dO^T P and dS reaches dQ = dS K in two 16-bit parts each (high_part and the rest, ~16 mantissa bits),
+// concatenated along the GEMM's depth against a doubled other operand (one call per product); dS reaches
+// dK^T = Q^T dS rounded once. Rounded to bf16 once everywhere, as SDPA rounds them, each gradient was as accurate
+// as SDPA's call by call, but bf16 trainer runs with Adam at lr 1e-2 (a step of ~lr per element, whatever the
+// gradient's size) drifted further from float64 than the unpatched runs did, over 4 seeds: 1.1-5x its loss error
+// in tests/integrations/test_transformers_trainer.py (P's split brought it to 0.6-0.95x) and up to 2.3x the
+// bound of test_trl.py's DPO run (dQ's split brought it to that of fp32 tiles); splitting dK's dS as well moved
+// neither and cost 5-8% (bench/RESULTS.md). dK and dV are summed as dK^T, dV^T in fp32 by the GEMMs themselves
+// (the tolerance of a 16-bit gradient), dQ's partials in fp32 through add_C. Key side: K^T and V^T as VNNI-2 B
+// operands of S and dP, K (twice) of dQ; query side: Q and dO as the A operands of S and dP (in place when
+// head_dim needs no padding), Q^T and dO^T (each row twice) as those of dK^T and dV^T, transposed once per query
+// tile, before the tasks.
 // Keys per step of the 16-bit path: four tiles, a quarter of the brgemm calls (each has a fixed cost) of one
 // (measured 3-7% faster than two tiles, 6-14% than one, bf16 fwd+bwd at T 1024).
 constexpr int64_t kKeys16 = 4 * kBlockK;
 
 template <typename scalar_t>
 struct BackwardVnniWorkspace {
+  // p16: P as the VNNI B operand of dV^T, up to kBlockQ rows twice (high part, then low part); ds16: dS as that
+  // of dK^T; ds_rows: dS's high and low parts side by side in each row; k: K twice, dQ's B operand for both.
   std::vector<scalar_t> kt, vt, k, q, dout, p16, ds16, ds_rows;
   std::vector<float> p, ds, lse, lse_low, delta, product, dkt, dvt;
   explicit BackwardVnniWorkspace(int64_t padded_dim)
-      : kt(padded_dim * kKeys16), vt(padded_dim * kKeys16), k(kKeys16 * padded_dim), q(kBlockQ * padded_dim),
-        dout(kBlockQ * padded_dim), p16(kBlockQ * kKeys16),
-        ds16(kBlockQ * kKeys16), ds_rows(kBlockQ * kKeys16), p(kBlockQ * kKeys16), ds(kBlockQ * kKeys16),
-        lse(kBlockQ), lse_low(kBlockQ), delta(kBlockQ), product(kBlockQ * padded_dim), dkt(padded_dim * kKeys16),
+      : kt(padded_dim * kKeys16), vt(padded_dim * kKeys16), k(2 * kKeys16 * padded_dim), q(kBlockQ * padded_dim),
+        dout(kBlockQ * padded_dim), p16(2 * kBlockQ * kKeys16), ds16(kBlockQ * kKeys16),
+        ds_rows(kBlockQ * 2 * kKeys16), p(kBlockQ * kKeys16), ds(kBlockQ * kKeys16), lse(kBlockQ),
+        lse_low(kBlockQ), delta(kBlockQ), product(kBlockQ * padded_dim), dkt(padded_dim * kKeys16),
         dvt(padded_dim * kKeys16) {}
 };
 
@@ -190,18 +199,22 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
 
   if constexpr (kVnni) {
     // Q^T and dO^T of every (query tile, head), the A operands of dK^T and dV^T, transposed once for all the
-    // key tiles that read them.
-    const int64_t tile_elems = pdim * kBlockQ;
-    std::vector<scalar_t> packed_qt(q_tiles * heads_q * tile_elems), packed_doutt(q_tiles * heads_q * tile_elems);
-    parallel_items(q_tiles * heads_q, 2 * tile_elems, [&](int64_t begin, int64_t end) {
+    // key tiles that read them. Each row of dO^T twice ([0, depth) and [depth, 2 depth) of 2 kBlockQ columns),
+    // so one GEMM of depth 2 depth takes P's high and low parts at once.
+    const int64_t qt_elems = pdim * kBlockQ, doutt_elems = pdim * 2 * kBlockQ;
+    std::vector<scalar_t> packed_qt(q_tiles * heads_q * qt_elems), packed_doutt(q_tiles * heads_q * doutt_elems);
+    parallel_items(q_tiles * heads_q, qt_elems + doutt_elems, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t q_tile = item / heads_q, h = item % heads_q;
         const int64_t b = std::upper_bound(first_q_tile.begin(), first_q_tile.end(), q_tile) - first_q_tile.begin() - 1;
         const int64_t i0 = (q_tile - first_q_tile[b]) * kBlockQ, rows = std::min(kBlockQ, seqs[b].q_len - i0);
-        const int64_t offset = ((seqs[b].q_start + i0) * heads_q + h) * dim;
-        load_rows_transposed(q + offset, heads_q * dim, rows, dim, pdim, packed_qt.data() + item * tile_elems, kBlockQ);
-        load_rows_transposed(dout + offset, heads_q * dim, rows, dim, pdim, packed_doutt.data() + item * tile_elems,
-                             kBlockQ);
+        const int64_t depth = round_up(rows, 32), offset = ((seqs[b].q_start + i0) * heads_q + h) * dim;
+        load_rows_transposed(q + offset, heads_q * dim, rows, dim, pdim, packed_qt.data() + item * qt_elems, kBlockQ);
+        scalar_t* doutt = packed_doutt.data() + item * doutt_elems;
+        load_rows_transposed(dout + offset, heads_q * dim, rows, dim, pdim, doutt, 2 * kBlockQ);
+        for (int64_t d = 0; d < pdim; ++d) {
+          std::copy(doutt + d * 2 * kBlockQ, doutt + d * 2 * kBlockQ + depth, doutt + d * 2 * kBlockQ + depth);
+        }
       }
     });
     run_tasks<BackwardTask, BackwardVnniWorkspace<scalar_t>>(
@@ -219,6 +232,7 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
             load_rows_vnni_transposed(k + kv_offset, kv_stride, cols, dim, pdim, padded_cols, ws.kt.data());
             load_rows_vnni_transposed(v + kv_offset, kv_stride, cols, dim, pdim, padded_cols, ws.vt.data());
             load_rows_vnni(k + kv_offset, kv_stride, cols, dim, padded_cols, pdim, ws.k.data());
+            std::copy(ws.k.begin(), ws.k.begin() + padded_cols * pdim, ws.k.begin() + padded_cols * pdim);
             std::fill(ws.dkt.begin(), ws.dkt.end(), 0.0f);
             std::fill(ws.dvt.begin(), ws.dvt.end(), 0.0f);
 
@@ -237,8 +251,8 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
                   q_rows = ws.q.data(), dout_rows = ws.dout.data(), ld_rows = pdim;
                 }
                 const int64_t item = (first_q_tile[task.batch] + i0 / kBlockQ) * heads_q + h;
-                const scalar_t* qt = packed_qt.data() + item * tile_elems;
-                const scalar_t* doutt = packed_doutt.data() + item * tile_elems;
+                const scalar_t* qt = packed_qt.data() + item * qt_elems;
+                const scalar_t* doutt = packed_doutt.data() + item * doutt_elems;
                 load_row_stats(ws, h, token, rows);
                 brgemm(rows, padded_cols, pdim, ld_rows, padded_cols, kKeys16, false, q_rows, ws.kt.data(),
                        ws.p.data(), true);  // S = Q K^T
@@ -248,22 +262,19 @@ void attention_backward_kernel(const scalar_t* dout, const scalar_t* q, const sc
                 brgemm(rows, padded_cols, pdim, ld_rows, padded_cols, kKeys16, false, dout_rows, ws.vt.data(),
                        ws.ds.data(), true);  // dP = dO V^T
                 probabilities_and_dscores(ws, rows, padded_cols, kKeys16);
-                pack_rows_vnni(ws.p.data(), kKeys16, rows, depth, padded_cols, ws.p16.data());
+                // P to dV^T and dS to dQ in two 16-bit parts each (high_part and the rest), concatenated along
+                // the GEMM's depth: one call of twice the depth per product. dS to dK^T rounded once.
+                pack_rows_vnni(ws.p.data(), kKeys16, rows, depth, padded_cols, ws.p16.data(),
+                               ws.p16.data() + depth * padded_cols);
                 pack_rows_vnni(ws.ds.data(), kKeys16, rows, depth, padded_cols, ws.ds16.data());
-                for (int64_t r = 0; r < rows; ++r) {  // dS rounded, rows kKeys16 apart (whole vector pairs fit)
-                  const float* row = ws.ds.data() + r * kKeys16;
-                  for (int64_t c = 0; c < padded_cols; c += 2 * Vec::size()) {
-                    const Vec high = c + Vec::size() < padded_cols ? Vec::loadu(row + c + Vec::size()) : Vec(0.0f);
-                    store_rounded(Vec::loadu(row + c), high, ws.ds_rows.data() + r * kKeys16 + c);
-                  }
-                }
-                brgemm(pdim, padded_cols, depth, kBlockQ, padded_cols, kKeys16, true, doutt, ws.p16.data(),
+                split_rows(ws.ds.data(), kKeys16, rows, padded_cols, ws.ds_rows.data(), 2 * kKeys16);
+                brgemm(pdim, padded_cols, 2 * depth, 2 * kBlockQ, padded_cols, kKeys16, true, doutt, ws.p16.data(),
                        ws.dvt.data(), true);  // dV^T += dO^T P
                 brgemm(pdim, padded_cols, depth, kBlockQ, padded_cols, kKeys16, true, qt, ws.ds16.data(),
                        ws.dkt.data(), true);  // dK^T += Q^T dS
                 float* dq_rows = dq_partial.get() + ((task.chunk * total_q + token) * heads_q + h) * pdim;
                 uint8_t& reached = written[(task.chunk * q_tiles + first_q_tile[task.batch] + i0 / kBlockQ) * heads_q + h];
-                brgemm(rows, pdim, padded_cols, kKeys16, pdim, heads_q * pdim, /*add_C=*/reached != 0,
+                brgemm(rows, pdim, 2 * padded_cols, 2 * kKeys16, pdim, heads_q * pdim, /*add_C=*/reached != 0,
                        ws.ds_rows.data(), ws.k.data(), dq_rows, true);  // dQ partial (+)= dS K
                 reached = 1;
               }

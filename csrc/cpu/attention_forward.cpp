@@ -209,12 +209,6 @@ struct Forward16Workspace {
         row_max(kBlockQ), row_sum(kBlockQ) {}
 };
 
-// The bits of an fp32 value that a 16-bit type keeps exactly: bf16 is the top 16 bits (sign, exponent, 7 mantissa
-// bits); fp16 keeps 10 mantissa bits (for the values of P, in [2^-14, 1], which P's high part needs).
-template <typename scalar_t>
-const Vectorized<float> kHighBits = Vectorized<float>(
-    c10::bit_cast<float>(std::is_same_v<scalar_t, at::BFloat16> ? 0xFFFF0000u : 0xFFFFE000u));
-
 template <typename scalar_t>
 void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const Shape& shape,
                                     const std::vector<Sequence>& seqs, int64_t total_q, double softmax_scale,
@@ -301,8 +295,8 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
                                  ? vec_exp(at::vec::fmadd(Vec::loadu(s_row + c + Vec::size()), scale_vec, neg_shift))
                                  : zero;
               sum = sum + p0 + p1;
-              // P = high + low: high is p truncated to scalar_t's bits (exact in it), low the rest, rounded.
-              const Vec high0 = p0 & kHighBits<scalar_t>, high1 = p1 & kHighBits<scalar_t>;
+              // P = high + low (high_part), both rounded to scalar_t.
+              const Vec high0 = high_part<scalar_t>(p0), high1 = high_part<scalar_t>(p1);
               store_rounded(high0, high1, p_row + c);
               store_rounded(p0 - high0, p1 - high1, p_low_row + c);
             }

@@ -338,30 +338,31 @@ def test_cpp_kernel_checks_offsets_itself():
         _cpp.load().attention_forward(q, k, k, cu_q, cu_k, None, 4, 9, 0.25, -1, -1)
 
 
-# The C++ kernel's bf16 and fp16 tile GEMMs run in fp32 tiles on fastllm's micro-kernel by default;
-# set_attention_gemm("blas") (FASTLLM_CPU_ATTENTION_GEMM=blas) runs them in 16-bit tiles on ATen's brgemm, on
-# CPUs whose oneDNN has 16-bit micro-kernels (AMX, avx512-bf16), which bench/attention_grid.py compares. The full
-# product above runs the default; this is the other engine on every dtype and mask over a multi-step, an odd-head-
+# The C++ kernel's bf16 and fp16 tile GEMMs run by default in 16-bit tiles on ATen's brgemm on CPUs whose oneDNN
+# has 16-bit micro-kernels (AMX, avx512-bf16), elsewhere in fp32 tiles on fastllm's register micro-kernel;
+# set_attention_gemm (FASTLLM_CPU_ATTENTION_GEMM) picks one, and bench/attention_grid.py compares them. The full
+# product above runs the default; this runs each engine on every dtype and mask over a multi-step, an odd-head-
 # dim, a one-query, a more-queries-than-keys and a head-dim-256 case.
-BLAS_ENGINE_CASES = [pytest.param(dtype, mask, case, id=_case_id(dtype, mask, *case)) for dtype, mask, case in
-                     itertools.product(DTYPES, MASKS, [("gqa", 59, (113, 203)), ("mha", 128, (257, 257)),
-                                                       ("mqa", 16, (1, 257)), ("gqa", 64, (203, 113)),
-                                                       ("mha", 256, (17, 17))])]
+GEMM_ENGINE_CASES = [pytest.param(engine, dtype, mask, case, id=f"{engine}-{_case_id(dtype, mask, *case)}")
+                     for engine, dtype, mask, case in
+                     itertools.product(("blas", "registers"), DTYPES, MASKS,
+                                       [("gqa", 59, (113, 203)), ("mha", 128, (257, 257)), ("mqa", 16, (1, 257)),
+                                        ("gqa", 64, (203, 113)), ("mha", 256, (17, 17))])]
 
 
 @pytest.mark.usefixtures("poison_outputs")
-@pytest.mark.parametrize("dtype,mask,case", BLAS_ENGINE_CASES)
-def test_cpp_blas_gemm_engine_matches_float64(dtype, mask, case):
+@pytest.mark.parametrize("engine,dtype,mask,case", GEMM_ENGINE_CASES)
+def test_cpp_gemm_engines_match_float64(engine, dtype, mask, case):
     from fastllm import _cpp
 
     heads, head_dim, (seqlen_q, seqlen_k) = case
     inputs, cotangents = make_inputs(2, seqlen_q, seqlen_k, *HEADS[heads], head_dim, dtype)
-    previous = _cpp.load().set_attention_gemm("blas")
+    previous = _cpp.load().set_attention_gemm(engine)
     try:
         check_against_float64(ops.attention, reference.attention, "cpp", "cpu", dtype, inputs, cotangents,
                               **MASKS[mask])
     finally:
-        assert _cpp.load().set_attention_gemm(previous) == "blas"
+        assert _cpp.load().set_attention_gemm(previous) == engine
 
 
 def test_set_attention_gemm_names_the_engines(monkeypatch):
@@ -369,17 +370,18 @@ def test_set_attention_gemm_names_the_engines(monkeypatch):
 
     with pytest.raises(RuntimeError, match="engine must be 'blas' or 'registers', got 'mkl'"):
         _cpp.load().set_attention_gemm("mkl")
-    assert _cpp.load().set_attention_gemm("registers") == "registers"  # the default, returned as the previous
+    assert _cpp.load().set_attention_gemm("blas") == "blas"  # the default, returned as the previous
     monkeypatch.setenv(_cpp.ATTENTION_GEMM_VARIABLE, "mkl")
     _cpp.load.cache_clear()
     try:
         with pytest.raises(ValueError, match="FASTLLM_CPU_ATTENTION_GEMM must be 'blas' or 'registers', got 'mkl'"):
             _cpp.load()
-        monkeypatch.setenv(_cpp.ATTENTION_GEMM_VARIABLE, "blas")
+        monkeypatch.setenv(_cpp.ATTENTION_GEMM_VARIABLE, "registers")
         _cpp.load.cache_clear()
-        assert _cpp.load().set_attention_gemm("registers") == "blas"  # the variable set it
+        assert _cpp.load().set_attention_gemm("blas") == "registers"  # the variable set it
     finally:
         _cpp.load.cache_clear()
+        _cpp.load().set_attention_gemm("blas")
 
 
 # ---------------------------------------------------------------------------------------------------------
