@@ -89,3 +89,24 @@ def test_without_a_compiler_the_library_still_works(tmp_path):
     env = dict(os.environ, CXX="/nonexistent/c++", FASTLLM_CACHE=str(tmp_path), TRITON_INTERPRET="0")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_ops_skip_the_dispatcher_only_when_it_has_nothing_to_record():
+    """call_op runs a custom op's body directly (no ~20-100 us dispatch) unless autograd, autocast, a compile trace
+    or a dispatch mode needs the op: an input requiring grad under grad mode does, grad mode alone does not."""
+    from fastllm.ops._common import call_op
+
+    class Op:
+        def __call__(self, *args):
+            return "dispatcher"
+
+        def _init_fn(self, *args):
+            return "direct"
+
+    op, plain, leaf = Op(), torch.ones(3), torch.ones(3, requires_grad=True)
+    assert call_op(op, plain, 1.0) == "direct"
+    assert call_op(op, plain, leaf) == "dispatcher"
+    with torch.no_grad():
+        assert call_op(op, plain, leaf) == "direct"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert call_op(op, plain) == "dispatcher"

@@ -14,6 +14,11 @@ batch x heads x seqlen x head_dim, heads as q/kv when they differ.
 
 Every variant takes q, k, v as (batch, seqlen, heads, head_dim), fastllm's layout; the baselines move heads
 in front as views, as model code does, and SDPA reads the strided views without copying.
+
+attention_decode (forward only: a decode step) is one new query per row against a KV cache of S positions
+filled to per-row lengths in [S/2, S], batch 1 and 8, Llama-style 8 query / 4 key-value heads at head dim 64 and
+32 / 8 at 128, S in {128, 1024, 4096}. The peers read the whole cache under a length mask, as HF's decode does:
+eager (matmul, masked softmax, matmul), SDPA with enable_gqa and the boolean mask, and torch.compile of eager.
 """
 import torch
 import torch.nn.functional as F
@@ -102,6 +107,65 @@ def _inputs(batch, heads_q, heads_kv, seqlen, head_dim):
     return make_inputs
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Decode: one query per row against a cache filled to per-row lengths
+# ---------------------------------------------------------------------------------------------------------
+DECODE_CPU_SHAPES = [(batch, heads_q, heads_kv, cache, head_dim) for batch in (1, 8)
+                     for heads_q, heads_kv, head_dim in ((8, 4, 64), (32, 8, 128)) for cache in (128, 1024, 4096)]
+DECODE_GPU_SHAPES = [(batch, 32, 8, cache, 128) for batch in (1, 8, 64) for cache in (1024, 8192)]
+DECODE_QUICK_SHAPES = [(2, 4, 2, 64, 16)]
+
+
+def _length_mask(k_cache, lengths):
+    """(batch, 1, 1, cache) True where a cache position is filled, SDPA's boolean attn_mask."""
+    return (torch.arange(k_cache.shape[1], device=k_cache.device) < lengths[:, None])[:, None, None, :]
+
+
+def eager_attention_decode(q, k_cache, v_cache, lengths):
+    k_cache, v_cache = _shared_heads_repeated(q, k_cache, v_cache)
+    q, k, v = (t.transpose(1, 2) for t in (q, k_cache, v_cache))
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1]**-0.5
+    scores = scores.masked_fill(~_length_mask(k_cache, lengths), float("-inf"))
+    return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2)
+
+
+def sdpa_gqa_attention_decode(q, k_cache, v_cache, lengths):
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2),
+                                         attn_mask=_length_mask(k_cache, lengths), enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def fastllm_attention_decode(q, k_cache, v_cache, lengths):
+    return fastllm.ops.attention_decode(q, k_cache, v_cache, lengths)
+
+
+def _decode_inputs(batch, heads_q, heads_kv, cache, head_dim):
+    def make_inputs(device, dtype):
+        generator = torch.Generator(device).manual_seed(0)
+        q = torch.randn(batch, 1, heads_q, head_dim, generator=generator, device=device, dtype=dtype)
+        k_cache, v_cache = (torch.randn(batch, cache, heads_kv, head_dim, generator=generator, device=device,
+                                        dtype=dtype) for _ in range(2))
+        lengths = torch.randint(cache // 2, cache + 1, (batch,), generator=generator, device=device)
+        return q, k_cache, v_cache, lengths
+    return make_inputs
+
+
+def _decode_cases(device, quick):
+    if quick:
+        shapes, dtype = DECODE_QUICK_SHAPES, torch.float32
+    elif device.type == "cuda":
+        shapes, dtype = DECODE_GPU_SHAPES, torch.bfloat16
+    else:
+        shapes, dtype = DECODE_CPU_SHAPES, torch.float32
+    variants = standard_variants(eager_attention_decode, fastllm_attention_decode,
+                                 {"sdpa[enable_gqa]": sdpa_gqa_attention_decode})
+    # Work: the filled positions only (half to all of the cache), 4 b h L d FLOPs over them.
+    return [Case(op="attention_decode", shape=f"{batch}x{heads_q}/{heads_kv}x{cache}x{head_dim}", dtype=dtype,
+                 make_inputs=_decode_inputs(batch, heads_q, heads_kv, cache, head_dim), variants=variants,
+                 flops=Cost(forward=4 * batch * heads_q * 0.75 * cache * head_dim, forward_backward=None))
+            for batch, heads_q, heads_kv, cache, head_dim in shapes]
+
+
 def cases(device, quick: bool) -> list[Case]:
     device = torch.device(device)
     if quick:
@@ -119,4 +183,4 @@ def cases(device, quick: bool) -> list[Case]:
                                make_inputs=_inputs(batch, heads_q, heads_kv, seqlen, head_dim),
                                variants=_variants(causal, grouped=heads_q != heads_kv),
                                flops=_flops(batch, heads_q, seqlen, head_dim, causal)))
-    return result
+    return result + _decode_cases(device, quick)
