@@ -42,7 +42,7 @@ def test_forward_backward(benchmark, case, variant):
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_every_case_has_peers_and_fastllm_variants(device):
     """Every case compares fastllm with what users already have: eager first, torch.compile of the same code,
-    and torch's own fused op where one exists (SDPA, with enable_gqa for grouped heads; F.rms_norm;
+    and torch's own fused op where one exists (SDPA, with enable_gqa for grouped heads and for decoding; F.rms_norm;
     F.linear_cross_entropy's chunked path)."""
     for family, module in families().items():
         for case in module.cases(torch.device(device), quick=False):
@@ -51,7 +51,9 @@ def test_every_case_has_peers_and_fastllm_variants(device):
             assert any(not harness.is_peer(name) for name in names), (family, case.op)
             if family != "gae":  # GAE is a Python loop: nothing to compile or fuse it into
                 assert "torch.compile" in names, (family, case.op)
-            if family == "attention":
+            if case.op == "attention_decode":  # always grouped: SDPA reads the shared heads itself
+                assert "sdpa[enable_gqa]" in names, case.shape
+            elif family == "attention":
                 grouped = "/" in case.shape
                 assert ("sdpa[enable_gqa]" in names) == grouped and "sdpa" in names, case.shape
     assert any("/" in case.shape for case in families()["attention"].cases(torch.device(device), quick=False))
