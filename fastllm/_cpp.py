@@ -21,7 +21,7 @@ def _csrc_dir():
 
 
 # bf16/fp16 attention's tile GEMMs: "blas" (the default) runs them in 16-bit tiles on ATen's brgemm where oneDNN
-# has 16-bit micro-kernels (AMX, avx512-bf16), else in fastllm's fp32 tiles; "registers" always in fp32 tiles
+# has 16-bit brgemm micro-kernels (AMX), else in fastllm's fp32 tiles; "registers" always in fp32 tiles
 # (bench/RESULTS.md, "Attention on an Intel Xeon with AMX").
 ATTENTION_GEMM_VARIABLE = "FASTLLM_CPU_ATTENTION_GEMM"
 

@@ -32,7 +32,7 @@
 //   rounded up to kPad.
 //
 // fp32 and fp64 compute in their own type. bf16 and fp16 run in 16-bit tiles on ATen's brgemm (oneDNN's
-// micro-kernels: AMX on Sapphire Rapids and later, avx512-bf16 dot products elsewhere) where this CPU's oneDNN
+// micro-kernels: AMX on Sapphire Rapids and later; not with oneDNN capped at avx512_core_bf16) where this CPU's oneDNN
 // has them, unless the GEMM engine is set to "registers" (set_attention_gemm, FASTLLM_CPU_ATTENTION_GEMM):
 // products of the inputs' own values summed in fp32; the forward's P to P V and the backward's P to dV and dS
 // to dQ as two 16-bit parts (high + low, ~16 mantissa bits), dS to dK rounded to the input dtype

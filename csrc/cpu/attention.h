@@ -129,7 +129,7 @@ void gemm(int64_t m, int64_t n, int64_t depth, const acc_t* a, int64_t lda, cons
 }
 
 // Which engine runs the tile GEMMs of bf16 and fp16: ATen's brgemm on 16-bit tiles (the default; oneDNN's
-// micro-kernels, built for this CPU at run time, where it has them: 2-3x the fp32 tiles' speed with AMX) or the
+// micro-kernels, built for this CPU at run time, where it has them: 1.5-3x the fp32 tiles' speed with AMX) or the
 // register micro-kernel above on fp32 tiles (everywhere else, and when set). fp32 and fp64
 // always take the register micro-kernel: its sums do not depend on the CPU model (oneDNN picks its kernels by
 // CPU), the backward recomputes the forward's scores to the bit, and fp32 brgemm for P V and dS K was only 0-10%
@@ -138,7 +138,7 @@ enum class GemmEngine { kRegisters, kBlas };
 GemmEngine gemm_engine();
 
 // ---------------------------------------------------------------------------------------------------------
-// 16-bit tiles for brgemm (bf16 / fp16 on CPUs whose oneDNN has 16-bit micro-kernels: AMX, avx512-bf16)
+// 16-bit tiles for brgemm (bf16 / fp16 on CPUs whose oneDNN has 16-bit brgemm micro-kernels: AMX)
 // ---------------------------------------------------------------------------------------------------------
 // brgemm takes a 16-bit B operand in VNNI-2 order: element (k, n) of a K x N matrix at [(k / 2) * 2N + 2n + k % 2],
 // pairs of depth terms side by side; A is plain row-major. Products are exact in fp32 and summed in fp32.
@@ -242,7 +242,7 @@ void load_rows_vnni(const scalar_t* src, int64_t src_stride, int64_t rows, int64
 }
 
 // dst[0, 2 x Vec::size()) = [low, high] rounded to scalar_t. bf16 takes avx512_bf16's native conversion where the
-// CPU has it (every CPU whose oneDNN runs 16-bit brgemm: AMX, avx512-bf16), else ATen's emulated
+// CPU has it (every CPU whose oneDNN runs 16-bit brgemm: AMX), else ATen's emulated
 // round-to-nearest-even, a dozen instructions per pair of vectors (a quarter of the 16-bit softmax loop).
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
 __attribute__((target("avx512bf16"))) static inline void store_bf16_native(__m512 low, __m512 high, at::BFloat16* dst) {

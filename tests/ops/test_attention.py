@@ -339,7 +339,7 @@ def test_cpp_kernel_checks_offsets_itself():
 
 
 # The C++ kernel's bf16 and fp16 tile GEMMs run by default in 16-bit tiles on ATen's brgemm on CPUs whose oneDNN
-# has 16-bit micro-kernels (AMX, avx512-bf16), elsewhere in fp32 tiles on fastllm's register micro-kernel;
+# has 16-bit brgemm micro-kernels (AMX), elsewhere in fp32 tiles on fastllm's register micro-kernel;
 # set_attention_gemm (FASTLLM_CPU_ATTENTION_GEMM) picks one, and bench/attention_grid.py compares them. The full
 # product above runs the default; this runs each engine on every dtype and mask over a multi-step, an odd-head-
 # dim, a one-query, a more-queries-than-keys and a head-dim-256 case.
