@@ -150,16 +150,18 @@ def _decode_inputs(batch, heads_q, heads_kv, cache, head_dim):
     return make_inputs
 
 
-def _decode_cases(device, quick):
+def _shapes_and_dtype(device, quick, quick_shapes, cpu_shapes, gpu_shapes):
+    """Quick sizes in fp32, else the GPU's in bf16 or the CPU's in fp32."""
     if quick:
-        shapes, dtype = DECODE_QUICK_SHAPES, torch.float32
-    elif device.type == "cuda":
-        shapes, dtype = DECODE_GPU_SHAPES, torch.bfloat16
-    else:
-        shapes, dtype = DECODE_CPU_SHAPES, torch.float32
+        return quick_shapes, torch.float32
+    return (gpu_shapes, torch.bfloat16) if device.type == "cuda" else (cpu_shapes, torch.float32)
+
+
+def _decode_cases(device, quick):
+    shapes, dtype = _shapes_and_dtype(device, quick, DECODE_QUICK_SHAPES, DECODE_CPU_SHAPES, DECODE_GPU_SHAPES)
     variants = standard_variants(eager_attention_decode, fastllm_attention_decode,
                                  {"sdpa[enable_gqa]": sdpa_gqa_attention_decode})
-    # Work: the filled positions only (half to all of the cache), 4 b h L d FLOPs over them.
+    # Work: 4 b h L d FLOPs over the filled positions, L = 0.75 S on average (lengths uniform in [S/2, S]).
     return [Case(op="attention_decode", shape=f"{batch}x{heads_q}/{heads_kv}x{cache}x{head_dim}", dtype=dtype,
                  make_inputs=_decode_inputs(batch, heads_q, heads_kv, cache, head_dim), variants=variants,
                  flops=Cost(forward=4 * batch * heads_q * 0.75 * cache * head_dim, forward_backward=None))
@@ -168,12 +170,7 @@ def _decode_cases(device, quick):
 
 def cases(device, quick: bool) -> list[Case]:
     device = torch.device(device)
-    if quick:
-        shapes, dtype = QUICK_SHAPES, torch.float32
-    elif device.type == "cuda":
-        shapes, dtype = GPU_SHAPES, torch.bfloat16
-    else:
-        shapes, dtype = CPU_SHAPES, torch.float32
+    shapes, dtype = _shapes_and_dtype(device, quick, QUICK_SHAPES, CPU_SHAPES, GPU_SHAPES)
     result = []
     for causal in (True, False):
         for batch, heads_q, heads_kv, seqlen, head_dim in shapes:
