@@ -68,10 +68,10 @@ std::tuple<torch::Tensor, torch::Tensor> attention_forward(
     const std::optional<torch::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
     int64_t window_left, int64_t window_right);
 
-// The engine of the attention's bf16 and fp16 tile GEMMs: "registers" (fp32 tiles on fastllm's own
-// register-blocked micro-kernel, which fp32 and fp64 always use; the default) or "blas" (16-bit tiles on ATen's
-// brgemm, oneDNN's micro-kernels for this CPU where it has them: opt-in, FASTLLM_CPU_ATTENTION_GEMM=blas, see
-// bench/RESULTS.md). Returns the previous engine.
+// The engine of the attention's bf16 and fp16 tile GEMMs: "blas" (the default: 16-bit tiles on ATen's brgemm,
+// oneDNN's micro-kernels for this CPU where it has them, AMX; elsewhere the fp32 tiles) or "registers" (fp32
+// tiles on fastllm's own register-blocked micro-kernel, which fp32 and fp64 always use). Also set by
+// FASTLLM_CPU_ATTENTION_GEMM (fastllm/_cpp.py; bench/RESULTS.md). Returns the previous engine.
 std::string set_attention_gemm(const std::string& engine);
 
 // Gradients (dq, dk, dv) of attention_forward given dout and, optionally, dlse (the gradient reaching lse,
