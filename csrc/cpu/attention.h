@@ -302,23 +302,22 @@ void pack_rows_vnni(const float* src, int64_t ld, int64_t rows, int64_t depth, i
 
 // Each of `rows` fp32 rows of src (ld apart, n columns, n a multiple of Vec::size()) as two 16-bit parts side by
 // side in dst (ld_dst apart): high_part in [0, n), the rest rounded in [n, 2 n). Writes run in pairs of vectors,
-// so up to Vec::size() zeros past each part: the high part's are overwritten by the low part, whose own must fit
-// in ld_dst (2 n + Vec::size() <= ld_dst where n is an odd number of vectors).
+// so where n is an odd number of vectors each part's last pair writes Vec::size() zeros past it: the columns
+// run last to first, so the low part's first pair (written last) overwrites the high part's, and the low part's
+// own must fit in ld_dst (2 n + Vec::size() <= ld_dst then).
 template <typename scalar_t>
 void split_rows(const float* src, int64_t ld, int64_t rows, int64_t n, scalar_t* dst, int64_t ld_dst) {
   using Vec = Vectorized<float>;
+  const int64_t last = (n - 1) / (2 * Vec::size()) * (2 * Vec::size());
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = src + r * ld;
     scalar_t* out = dst + r * ld_dst;
-    for (int64_t c = 0; c < n; c += 2 * Vec::size()) {
+    for (int64_t c = last; c >= 0; c -= 2 * Vec::size()) {
       const Vec first = Vec::loadu(row + c);
       const Vec second = c + Vec::size() < n ? Vec::loadu(row + c + Vec::size()) : Vec(0.0f);
-      store_rounded(high_part<scalar_t>(first), high_part<scalar_t>(second), out + c);
-    }
-    for (int64_t c = 0; c < n; c += 2 * Vec::size()) {
-      const Vec first = Vec::loadu(row + c);
-      const Vec second = c + Vec::size() < n ? Vec::loadu(row + c + Vec::size()) : Vec(0.0f);
-      store_rounded(first - high_part<scalar_t>(first), second - high_part<scalar_t>(second), out + n + c);
+      const Vec first_high = high_part<scalar_t>(first), second_high = high_part<scalar_t>(second);
+      store_rounded(first_high, second_high, out + c);
+      store_rounded(first - first_high, second - second_high, out + n + c);
     }
   }
 }
