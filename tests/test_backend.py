@@ -91,22 +91,90 @@ def test_without_a_compiler_the_library_still_works(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
-def test_ops_skip_the_dispatcher_only_when_it_has_nothing_to_record():
-    """call_op runs a custom op's body directly (no ~20-100 us dispatch) unless autograd, autocast, a compile trace
-    or a dispatch mode needs the op: an input requiring grad under grad mode does, grad mode alone does not."""
+# A custom op whose body notes the dtype its own matmul runs in (bfloat16 if autocast reached it), and a wrapper
+# noting the calls that go through the dispatcher (CustomOpDef.__call__): call_op's decisions are observable
+# without timing anything.
+_body_matmul_dtypes = []
+
+
+@torch.library.custom_op("fastllm_test::scaled", mutates_args=())
+def _scaled(x: torch.Tensor, factor: float) -> torch.Tensor:
+    _body_matmul_dtypes.append((x[None] @ x[:, None]).dtype)
+    return x * factor
+
+
+def _scaled_setup(ctx, inputs, output):
+    ctx.factor = inputs[1]
+
+
+_scaled.register_autograd(lambda ctx, grad: (grad * ctx.factor, None), setup_context=_scaled_setup)
+
+
+@torch.library.custom_op("fastllm_test::scaled_without_formula", mutates_args=())
+def _scaled_without_formula(x: torch.Tensor, factor: float) -> torch.Tensor:
+    return x * factor
+
+
+class _Recorded:
+    def __init__(self, op):
+        self.op, self.dispatched = op, 0
+
+    def __call__(self, *args):
+        self.dispatched += 1
+        return self.op(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.op, name)
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_ops_skip_the_dispatcher_only_when_it_has_nothing_to_add():
+    """call_op runs a custom op without the dispatcher (~20-100 us a call): the body alone when no gradient is
+    recorded, an autograd.Function of body and formula when one is, autocast off around either, named in profiles;
+    the dispatcher
+    only for what needs it (dispatch modes, torch.func transforms such as vmap, tensor subclasses, ops without
+    a formula)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     from fastllm.ops._common import call_op
 
-    class Op:
-        def __call__(self, *args):
-            return "dispatcher"
-
-        def _init_fn(self, *args):
-            return "direct"
-
-    op, plain, leaf = Op(), torch.ones(3), torch.ones(3, requires_grad=True)
-    assert call_op(op, plain, 1.0) == "direct"
-    assert call_op(op, plain, leaf) == "dispatcher"
+    op = _Recorded(_scaled)
+    plain, leaf = torch.ones(3), torch.ones(3, requires_grad=True)
+    _body_matmul_dtypes.clear()
+    assert torch.equal(call_op(op, plain, 3.0), torch.full((3,), 3.0)) and op.dispatched == 0
+    out = call_op(op, leaf, 3.0)  # recorded by the eager Function: same gradient as the registered formula's
+    assert op.dispatched == 0 and out.grad_fn is not None and "Eager_fastllm_test_scaled" in type(out.grad_fn).__name__
+    (grad,) = torch.autograd.grad(out.sum(), leaf)
+    assert torch.equal(grad, torch.full((3,), 3.0))
     with torch.no_grad():
-        assert call_op(op, plain, leaf) == "direct"
+        assert call_op(op, leaf, 3.0).grad_fn is None and op.dispatched == 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert call_op(op, plain) == "dispatcher"
+        call_op(op, plain, 3.0)
+        call_op(op, leaf, 3.0)
+    assert op.dispatched == 0 and _body_matmul_dtypes == [torch.float32] * 5  # autocast off inside
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        call_op(op, plain, 3.0)
+        call_op(op, leaf, 3.0)
+    assert op.dispatched == 0  # and yet profiles show the op's time under its name, as the dispatcher's event would
+    assert [event.count for event in profile.key_averages() if event.key == "fastllm_test::scaled"] == [2]
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Passthrough():
+        call_op(op, plain, 3.0)
+    assert op.dispatched == 1
+    call_op(op, plain.as_subclass(_Subclass), 3.0)
+    assert op.dispatched == 2
+    batched = torch.vmap(lambda row: call_op(op, row, 2.0))(torch.ones(2, 3))  # the body alone cannot see rows
+    assert op.dispatched == 3 and torch.equal(batched, torch.full((2, 3), 2.0))
+    without = _Recorded(_scaled_without_formula)
+    call_op(without, plain, 3.0)
+    assert without.dispatched == 0
+    call_op(without, leaf, 3.0)  # no formula to run eagerly: the dispatcher says what autograd does with it
+    assert without.dispatched == 1
+

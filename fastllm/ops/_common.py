@@ -64,16 +64,66 @@ def resolve(t, dtype=None):
     return _backend.resolve(t.device, dtype or t.dtype)
 
 
+# Dispatch keys whose kernels call_op's direct paths stand in for: under torch.autocast the public functions
+# have already cast the op's inputs (by the rule register_autocast installs), so the body only needs autocast
+# off, as the registered autocast kernel runs it, to keep its own matmuls in the dtypes chosen.
+_AUTOCAST_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU).add(torch._C.DispatchKey.AutocastCUDA)
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+_eager_functions = {}
+
+
+def _eager_function(op):
+    """A torch.autograd.Function running op's body forward and its registered autograd formula backward: what the
+    dispatcher's autograd kernel for op runs (torch._library.autograd), without the dispatch around it."""
+    function = _eager_functions.get(op)
+    if function is None:
+        body, setup, formula = op._init_fn, op._setup_context_fn, op._backward_fn
+
+        # forward(ctx, ...) rather than a separate setup_context staticmethod: apply() then skips binding
+        # default arguments through inspect.signature, 12 of its 21 us a call.
+        def forward(ctx, *args):
+            output = body(*args)
+            setup(ctx, args, output)
+            return output
+
+        def backward(ctx, *grads):
+            return formula(ctx, *grads)
+
+        function = _eager_functions[op] = type(f"Eager_{op._namespace}_{op._name}", (torch.autograd.Function,),
+                                               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+    return function
+
+
 def call_op(op, *args):
-    """op(*args) for one of fastllm's torch.library custom ops, run straight through its Python body when the
-    dispatcher has nothing to add (no gradient to record: grad mode off or no input requiring one; no autocast,
-    no torch.compile trace, no dispatch mode): the dispatch costs ~100 us a call on a 2-core CPU, more than a
-    decode step's norm kernel takes (22 us of a 40 us attention_decode call over a 128-position cache)."""
-    records_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
-    if (records_grad or torch.compiler.is_compiling() or torch._C._is_any_autocast_enabled()
-            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()):
+    """op(*args) for one of fastllm's torch.library custom ops, without the dispatcher where it has nothing to add:
+    its dispatch costs ~20-100 us a call on a 2-core CPU, more than a decode step's norm kernel takes (22 us of a
+    40 us attention_decode call over a 128-position cache). Direct: the body itself when there is no gradient to
+    record (grad mode off, or no input requiring one); an autograd.Function of the body and the op's registered
+    formula when there is; under autocast either runs with autocast off (the public function cast the inputs);
+    under torch.profiler either is recorded under the op's name.
+    Through the dispatcher: torch.compile traces, dispatch and torch-function modes, torch.func transforms,
+    tensor subclasses (DTensor, fake tensors), and gradients for an op registered without a formula."""
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None
+            or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSOR_TYPES for a in args)):
         return op(*args)
-    return op._init_fn(*args)
+    records_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if records_grad and getattr(op, "_backward_fn", None) is None:
+        return op(*args)
+    run = _eager_function(op).apply if records_grad else op._init_fn
+    if torch._C._is_any_autocast_enabled():
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_KEYS):
+            return _profiled(op, run, args)
+    return _profiled(op, run, args)
+
+
+def _profiled(op, run, args):
+    """run(*args), under the op's name ("fastllm::norm") when torch.profiler records: the event the dispatcher
+    would have recorded, so profiles still show the time in each fastllm op."""
+    if torch.autograd.profiler._is_profiler_enabled:
+        with torch.profiler.record_function(f"{op._namespace}::{op._name}"):
+            return run(*args)
+    return run(*args)
 
 
 def kernels(backend, family):

@@ -215,8 +215,8 @@ def _attention_grad(ctx, dout, dlse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k = ctx.saved_tensors
     if dout is None:  # only the lse reached the loss
         dout = torch.zeros_like(out)
-    dq, dk, dv = _attention_backward(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                                     *ctx.arguments)
+    dq, dk, dv = call_op(_attention_backward, dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                         seqused_k, *ctx.arguments)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
@@ -330,10 +330,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     backend = resolve(q)
     if backend == "torch":
         return reference.attention(q, k, v, causal, softmax_scale, window, return_lse)
-    out, lse = _attention(q.reshape(batch * seqlen_q, heads_q, head_dim).contiguous(),
-                          k.reshape(batch * seqlen_k, heads_kv, head_dim).contiguous(),
-                          v.reshape(batch * seqlen_k, heads_kv, head_dim).contiguous(), None, None, None, seqlen_q,
-                          seqlen_k, softmax_scale, left, right, backend)
+    out, lse = call_op(_attention, q.reshape(batch * seqlen_q, heads_q, head_dim).contiguous(),
+                       k.reshape(batch * seqlen_k, heads_kv, head_dim).contiguous(),
+                       v.reshape(batch * seqlen_k, heads_kv, head_dim).contiguous(), None, None, None, seqlen_q,
+                       seqlen_k, softmax_scale, left, right, backend)
     out = out.view(batch, seqlen_q, heads_q, head_dim)
     return (out, _public_lse(lse, q).view(heads_q, batch, seqlen_q).transpose(0, 1)) if return_lse else out
 
@@ -367,8 +367,8 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         check_sequence_data(q, k, cu_seqlens_q, cu_seqlens_k, None, max_seqlen_q, max_seqlen_k)
         return reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                           softmax_scale, window, return_lse)
-    out, lse = _attention(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k, None,
-                          max_seqlen_q, max_seqlen_k, softmax_scale, left, right, backend)
+    out, lse = call_op(_attention, q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q, cu_seqlens_k, None,
+                       max_seqlen_q, max_seqlen_k, softmax_scale, left, right, backend)
     return (out, _public_lse(lse, q)) if return_lse else out
 
 

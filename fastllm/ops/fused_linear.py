@@ -45,7 +45,7 @@ from ._chunked_head import CHUNK_BYTES  # noqa: F401 (re-exported: the documente
 from ._chunked_head import Projection, chunk_rows, put_rows, row_chunks, rows_of, run_chunks
 from ._loss_heads import CrossEntropyHead, PolicyHead, PreferenceHead, cross_entropy_rows
 from ._common import check_label_range, check_positive, check_same_device, check_tensor, resolve
-from ._common import LOWER, autocast_device, autocast_dtype, register_autocast
+from ._common import LOWER, autocast_device, autocast_dtype, call_op, register_autocast
 from .softmax import reference as softmax_reference
 from .softmax import stat_gradient_coefficients
 
@@ -189,8 +189,8 @@ def _linear_logit_stats_grad(ctx, g_lse, g_target, g_sum, g_entropy):
     a, b, c, d = stat_gradient_coefficients(labels, ctx.ignore_index, entropy, g_lse, g_target,
                                             g_sum if ctx.want_sum else None, g_entropy if ctx.want_entropy else None)
     want = [bool(w) for w in ctx.needs_input_grad[:3]]
-    grads = _linear_logit_stats_backward(hidden, weight, bias, ctx.compute_dtype, labels, lse, a, b, c, d,
-                                         ctx.inv_temperature, ctx.chunk_size, want, ctx.backend)
+    grads = call_op(_linear_logit_stats_backward, hidden, weight, bias, ctx.compute_dtype, labels, lse, a, b, c, d,
+                    ctx.inv_temperature, ctx.chunk_size, want, ctx.backend)
     return tuple(g if w else None for g, w in zip(grads, want)) + (None,) * 8
 
 
@@ -381,9 +381,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if backend == "torch":
         return reference.linear_token_logprobs(hidden, weight, labels, bias, temperature, ignore_index, return_entropy)
     rows, flat_labels = _flatten(hidden, labels)
-    lse, target, _, entropy = _linear_logit_stats(rows, weight, bias, dtype, flat_labels, 1.0 / temperature,
-                                                  ignore_index, False, return_entropy,
-                                                  chunk_rows(weight.shape[0], dtype, chunk_size), backend)
+    lse, target, _, entropy = call_op(_linear_logit_stats, rows, weight, bias, dtype, flat_labels, 1.0 / temperature,
+                                      ignore_index, False, return_entropy,
+                                      chunk_rows(weight.shape[0], dtype, chunk_size), backend)
     logprobs = torch.where(flat_labels != ignore_index, (target - lse).float(), 0.0).reshape(labels.shape)
     return (logprobs, entropy.reshape(labels.shape)) if return_entropy else logprobs
 
@@ -411,12 +411,12 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     most = chunk_rows(weight.shape[0], dtype, chunk_size)
     if reduction == "none":
         smoothing = label_smoothing > 0
-        lse, target, sum_z, _ = _linear_logit_stats(rows, weight, bias, dtype, flat_labels, 1.0, ignore_index,
-                                                    smoothing, False, most, backend)
+        lse, target, sum_z, _ = call_op(_linear_logit_stats, rows, weight, bias, dtype, flat_labels, 1.0,
+                                        ignore_index, smoothing, False, most, backend)
         loss = cross_entropy_rows(lse, target, sum_z, label_smoothing, weight.shape[0])
         return torch.where(flat_labels != ignore_index, loss, 0.0).reshape(labels.shape)
-    loss, *_ = _linear_cross_entropy(rows, weight, bias, dtype, flat_labels, ignore_index, float(label_smoothing),
-                                     reduction == "mean", most, _wanted_grads(hidden, weight, bias), backend)
+    loss, *_ = call_op(_linear_cross_entropy, rows, weight, bias, dtype, flat_labels, ignore_index,
+                       float(label_smoothing), reduction == "mean", most, _wanted_grads(hidden, weight, bias), backend)
     return loss
 
 
@@ -464,7 +464,8 @@ def linear_ppo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     weights = rl.token_weights(flat_mask, loss_agg, sequences, normalizer)
     if sequences is not None and cu_seqlens is None:  # the rows of 2-D labels
         cu_seqlens = torch.arange(labels.shape[0] + 1, device=labels.device) * labels.shape[1]
-    loss, stats, *_ = _linear_ppo_loss(
+    loss, stats, *_ = call_op(
+        _linear_ppo_loss,
         rows, weight, bias, dtype, flat_labels, _fp32_rows(old_logprobs), _fp32_rows(advantages), flat_mask, weights,
         _fp32_rows(ref_logprobs), None if sequences is None else cu_seqlens.to(torch.int64), 1.0 / temperature,
         ignore_index, float(clip_eps), float(clip_eps if clip_eps_high is None else clip_eps_high),
@@ -520,7 +521,8 @@ def linear_dpo_loss(chosen_hidden: torch.Tensor, rejected_hidden: torch.Tensor, 
     hidden, labels = torch.cat([chosen_rows, rejected_rows]), torch.cat([chosen_flat, rejected_flat])
     want_grads = _wanted_grads(chosen_hidden, weight, bias)
     want_grads[0] = want_grads[0] or (torch.is_grad_enabled() and rejected_hidden.requires_grad)
-    loss, rewards, *_ = _linear_dpo_loss(
+    loss, rewards, *_ = call_op(
+        _linear_dpo_loss,
         hidden, weight, bias, dtype, labels, _fp32_rows(ref_chosen_logps), _fp32_rows(ref_rejected_logps),
         chosen_hidden.shape[1], float(beta), loss_type, float(label_smoothing), ignore_index,
         chunk_rows(weight.shape[0], dtype, chunk_size), want_grads, backend)

@@ -123,9 +123,9 @@ def _norm_grad(ctx, dy, d_residual_out, _d_mean, _d_rstd):
     if dy is None:  # only residual_out fed the loss: h's gradient is its own
         dx = d_residual_out
     else:
-        dx, dweight, dbias = _norm_backward(dy, d_residual_out if ctx.has_residual else None, h, weight, mean, rstd,
-                                            ctx.offset, ctx.rms, ctx.want_weight_grad, ctx.want_bias_grad,
-                                            ctx.backend)
+        dx, dweight, dbias = call_op(_norm_backward, dy, d_residual_out if ctx.has_residual else None, h, weight,
+                                     mean, rstd, ctx.offset, ctx.rms, ctx.want_weight_grad, ctx.want_bias_grad,
+                                     ctx.backend)
         dweight = dweight.to(ctx.weight_dtype) if ctx.want_weight_grad else None
         dbias = dbias.to(ctx.bias_dtype) if ctx.want_bias_grad else None
     # x and residual enter only through their sum h, so both receive h's gradient.

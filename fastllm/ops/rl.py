@@ -61,7 +61,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 
-from ._common import check_same_device, check_tensor, kernels, resolve
+from ._common import call_op, check_same_device, check_tensor, kernels, resolve
 
 FAMILY = "gae"
 LOG_RATIO_LIMIT = 20.0  # |logp - old| is clamped to this before exp: e^20 ~ 5e8 is far outside any clip range
@@ -537,4 +537,5 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
         advantages, returns = reference.gae(rewards, values, mask, gamma, lam)
         return advantages.to(values.dtype), returns.to(values.dtype)
     valid = mask if mask.dtype == torch.bool else mask != 0
-    return _gae(rewards.contiguous(), values.contiguous(), valid.contiguous(), float(gamma), float(lam), backend)
+    return call_op(_gae, rewards.contiguous(), values.contiguous(), valid.contiguous(), float(gamma), float(lam),
+                   backend)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import (FP32, as_rows, autocast_cast, autocast_device, check_label_range, check_labels_shape,
-                      check_positive, check_tensor, kernels, register_autocast, resolve)
+                      call_op, check_positive, check_tensor, kernels, register_autocast, resolve)
 
 FAMILY = "softmax"
 
@@ -94,7 +94,7 @@ def _softmax_setup(ctx, inputs, output):
 
 def _softmax_grad(ctx, dy):
     (y,) = ctx.saved_tensors
-    return _softmax_backward(dy, y, ctx.log, ctx.backend), None, None
+    return call_op(_softmax_backward, dy, y, ctx.log, ctx.backend), None, None
 
 
 _softmax.register_autograd(_softmax_grad, setup_context=_softmax_setup)
@@ -169,7 +169,7 @@ def _logit_stats_grad(ctx, g_lse, g_target, g_sum, g_entropy):
     x, labels, lse, entropy = ctx.saved_tensors
     a, b, c, d = stat_gradient_coefficients(labels, ctx.ignore_index, entropy, g_lse, g_target,
                                             g_sum if ctx.want_sum else None, g_entropy if ctx.want_entropy else None)
-    dx = _logit_stats_backward(x, labels, lse, a, b, c, d, ctx.inv_temperature, ctx.backend)
+    dx = call_op(_logit_stats_backward, x, labels, lse, a, b, c, d, ctx.inv_temperature, ctx.backend)
     return dx, None, None, None, None, None, None
 
 
@@ -209,7 +209,7 @@ def _softmax_along(x, dim, log):
         return reference.log_softmax(x, dim) if log else reference.softmax(x, dim)
     moved = x.unsqueeze(0) if x.dim() == 0 else x.movedim(dim, -1)
     rows, lead = as_rows(moved)
-    out = _softmax(rows, log, backend).reshape(*lead, moved.shape[-1])
+    out = call_op(_softmax, rows, log, backend).reshape(*lead, moved.shape[-1])
     return out.reshape(x.shape) if x.dim() == 0 else out.movedim(-1, dim)
 
 
@@ -237,7 +237,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         return reference.token_logprobs(logits, labels, temperature, ignore_index)
     rows, lead = as_rows(logits)
     flat_labels = _labels_as_rows(labels)
-    lse, target, _, _ = _logit_stats(rows, flat_labels, 1.0 / temperature, ignore_index, False, False, backend)
+    lse, target, _, _ = call_op(_logit_stats, rows, flat_labels, 1.0 / temperature, ignore_index, False, False, backend)
     # target - lse in fp64 (lse is fp64), rounded once: fp32 log-probs accurate even where |lse| is large
     return torch.where(flat_labels != ignore_index, (target - lse).float(), 0.0).reshape(lead)
 
@@ -249,7 +249,7 @@ def entropy(logits: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
     if backend == "torch":
         return reference.entropy(logits, temperature)
     rows, lead = as_rows(logits)
-    _, _, _, ent = _logit_stats(rows, None, 1.0 / temperature, -100, False, True, backend)
+    _, _, _, ent = call_op(_logit_stats, rows, None, 1.0 / temperature, -100, False, True, backend)
     return ent.reshape(lead)
 
 
@@ -276,7 +276,7 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
     rows, lead = as_rows(logits)
     flat_labels = _labels_as_rows(labels)
     smoothing = label_smoothing > 0
-    lse, target, sum_z, _ = _logit_stats(rows, flat_labels, 1.0, ignore_index, smoothing, False, backend)
+    lse, target, sum_z, _ = call_op(_logit_stats, rows, flat_labels, 1.0, ignore_index, smoothing, False, backend)
     loss = lse - target  # fp64, as lse is; rounded to fp32 once below
     if smoothing:  # uniform part: -mean_j log p_j = lse - mean_j z_j
         loss = (1.0 - label_smoothing) * loss + label_smoothing * (lse - sum_z / rows.shape[-1])

@@ -65,3 +65,6 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # accelerate opened the process group; left open, gloo's threads can outlive the interpreter's teardown and
+    # abort the process after its work passed (seen once: "terminate called without an active exception")
+    dist.destroy_process_group()
