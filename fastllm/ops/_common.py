@@ -104,10 +104,14 @@ def call_op(op, *args):
     Through the dispatcher: torch.compile traces, dispatch and torch-function modes, torch.func transforms,
     tensor subclasses (DTensor, fake tensors), and gradients for an op registered without a formula."""
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None
-            or any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN_TENSOR_TYPES for a in args)):
+            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
         return op(*args)
-    records_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    grad_mode, records_grad = torch.is_grad_enabled(), False
+    for a in args:  # one plain loop: two any() generators over 12 arguments took 5 us of a 40 us decode call
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN_TENSOR_TYPES:
+                return op(*args)
+            records_grad = records_grad or (grad_mode and a.requires_grad)
     if records_grad and getattr(op, "_backward_fn", None) is None:
         return op(*args)
     run = _eager_function(op).apply if records_grad else op._init_fn
