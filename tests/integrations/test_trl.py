@@ -9,11 +9,15 @@ configs and a BPE tokenizer trained here: no downloads. TRL is imported once per
 
 The bf16 cases (TRL's default: bf16 autocast over fp32 weights) are judged against a float64 run without
 autocast: under autocast TRL's own head computes in bf16 even for float64 weights, so a float64 model trained
-with bf16=True is no float64 reference. And their yardstick for a metric is unpatched's largest error on it over
-the run, not at the same step: patched and unpatched round differently (fastllm's attention and SDPA each round
-to bf16 in their own order, equally accurate: measured at the op level), and the ratio of two independent
-errors of one size exceeds 2 for about 30% of draws (|X| / |Y| for Gaussians), so a per-step ratio would fail
-on chance, while a worse computation shows as a larger error over the whole run.
+with bf16=True is no float64 reference. Patched and unpatched then round differently (fastllm's attention and
+SDPA each round to bf16 in their own order: compared with float64 at the op level in tests/ops), and at Adam's
+lr 1e-2 a few steps amplify those roundings into errors of one size but independent draws: judged per step, or
+by the worst over one run, even fastllm's fp32-accurate attention tiles failed the 2x rule at 3 of 8 seeds (the
+DPO case; every bf16 case failed at some seed with the default engine). So a bf16 case runs BF16_SEEDS and
+compares, per metric, the root-mean-square error over every seed and step: at most 2x unpatched's (the largest
+ratio seen over 8 seeds in groups of 4, both engines, every bf16 case: 1.89). What that still catches, measured:
+relative noise of 2^-8 (bf16's rounding) on every fastllm attention output fails the DPO case, 2^-6 the DPO
+and GRPO cases; the SFT case passes both, so the op tests (tests/ops) are what pin attention's accuracy.
 """
 import copy
 import math
@@ -36,6 +40,7 @@ from fastllm.integrations import trl as fastllm_trl
 
 WORDS = "the cat sat on a mat and dog ran far away to see big red sun over hill with one small bird".split()
 ULPS = 8 * torch.finfo(torch.float32).eps  # slack on top of the error ratio: a few fp32 roundings of the value
+BF16_SEEDS = (0, 1, 2, 3)  # see the module docstring
 UNTIMED = ("step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos")
 
 
@@ -108,9 +113,9 @@ def grpo_recipe(arch, tokenizer, **config):
             dict(train_dataset=data, reward_funcs=length_reward))
 
 
-def build_trainer(recipe, tokenizer, *, dtype=torch.float32, patch=False, state=None):
+def build_trainer(recipe, tokenizer, *, dtype=torch.float32, patch=False, state=None, seed=0):
     """The recipe's trainer with the model in `dtype` (weights from `state`), patched by fastllm if asked."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model, trainer_class, args, kwargs = recipe()
     if state is not None:
         model.load_state_dict(state)
@@ -123,6 +128,7 @@ def build_trainer(recipe, tokenizer, *, dtype=torch.float32, patch=False, state=
     model.config._name_or_path = folder
     model.to(dtype)
     args = copy.deepcopy(args)
+    args.seed = seed
     if dtype == torch.float64:  # the reference: no autocast (TRL's head would compute in bf16 under it)
         args.bf16 = args.fp16 = False
         args.mixed_precision = "no"
@@ -136,36 +142,57 @@ def logged_steps(trainer):
             for entry in trainer.state.log_history]
 
 
-def assert_same_logs(patched, unpatched, reference, over_run=False):
-    """Every logged number of `patched` within 2x `unpatched`'s error to the float64 `reference`, step by step;
-    over_run: 2x unpatched's largest error on that metric over the run (relative to max(1, |value|))."""
+def assert_same_logs(patched, unpatched, reference):
+    """Every logged number of `patched` within 2x `unpatched`'s error to the float64 `reference`, step by step."""
     assert len(patched) == len(unpatched) == len(reference) and len(reference) >= 2
-    worst = {}  # metric -> unpatched's largest error over the run, relative to max(1, |value|)
-    for u, r in zip(unpatched, reference):
-        for key, expected in r.items():
-            worst[key] = max(worst.get(key, 0.0), abs(u[key] - expected) / max(1.0, abs(expected)))
     for step, (p, u, r) in enumerate(zip(patched, unpatched, reference)):
         assert p.keys() == r.keys(), f"step {step}: logged keys differ: {sorted(p.keys() ^ r.keys())}"
         for key, expected in r.items():
             error, yardstick = abs(p[key] - expected), abs(u[key] - expected)
-            if over_run:
-                yardstick = worst[key] * max(1.0, abs(expected))
             bound = 2 * yardstick + ULPS * max(1.0, abs(expected))
             assert math.isfinite(p[key]) and error <= bound, (
                 f"step {step} {key}: patched {p[key]!r}, unpatched {u[key]!r}, float64 {expected!r}: error "
-                f"{error:.3g} > bound {bound:.3g} (2x unpatched error {yardstick:.3g}"
-                f"{' over the run' if over_run else ''})")
+                f"{error:.3g} > bound {bound:.3g} (2x unpatched error {yardstick:.3g})")
+
+
+def runs(recipe, tokenizer, seed=0):
+    """(patched, unpatched, float64 reference) logs of the recipe from one seed and one set of weights."""
+    torch.manual_seed(seed)
+    state = {k: v.clone() for k, v in recipe()[0].state_dict().items()}
+    reference = logged_steps(build_trainer(recipe, tokenizer, dtype=torch.float64, state=state, seed=seed))
+    unpatched = logged_steps(build_trainer(recipe, tokenizer, state=state, seed=seed))
+    trainer = build_trainer(recipe, tokenizer, patch=True, state=state, seed=seed)
+    assert fastllm_trl.patched(trainer.model) or isinstance(trainer, trl.RewardTrainer)
+    return logged_steps(trainer), unpatched, reference
+
+
+def assert_same_logs_over_seeds(recipe, tokenizer, seeds=BF16_SEEDS):
+    """Per logged metric, the patched runs' root-mean-square error to float64 over every seed and step (relative
+    to max(1, |value|)) within 2x the unpatched runs' (plus a few fp32 ulps)."""
+    squares = {}  # metric -> [patched sum of squares, unpatched sum of squares, count]
+    for seed in seeds:
+        patched, unpatched, reference = runs(recipe, tokenizer, seed)
+        assert len(patched) == len(unpatched) == len(reference) and len(reference) >= 2
+        for step, (p, u, r) in enumerate(zip(patched, unpatched, reference)):
+            assert p.keys() == r.keys(), f"seed {seed} step {step}: logged keys differ: {sorted(p.keys() ^ r.keys())}"
+            for key, expected in r.items():
+                assert math.isfinite(p[key]), f"seed {seed} step {step} {key}: patched {p[key]!r}"
+                scale = max(1.0, abs(expected))
+                total = squares.setdefault(key, [0.0, 0.0, 0])
+                total[0] += ((p[key] - expected) / scale) ** 2
+                total[1] += ((u[key] - expected) / scale) ** 2
+                total[2] += 1
+    for key, (patched_squares, unpatched_squares, count) in squares.items():
+        patched_rms, unpatched_rms = math.sqrt(patched_squares / count), math.sqrt(unpatched_squares / count)
+        assert patched_rms <= 2 * unpatched_rms + ULPS, (
+            f"{key}: patched rms error {patched_rms:.3g} over seeds {seeds} > 2x unpatched's {unpatched_rms:.3g}")
 
 
 def compare(recipe, tokenizer):
-    torch.manual_seed(0)
-    state = {k: v.clone() for k, v in recipe()[0].state_dict().items()}
-    reference = logged_steps(build_trainer(recipe, tokenizer, dtype=torch.float64, state=state))
-    unpatched = logged_steps(build_trainer(recipe, tokenizer, state=state))
-    trainer = build_trainer(recipe, tokenizer, patch=True, state=state)
-    assert fastllm_trl.patched(trainer.model) or isinstance(trainer, trl.RewardTrainer)
-    assert_same_logs(logged_steps(trainer), unpatched, reference, over_run=trainer.args.bf16)
-    return trainer
+    if recipe()[2].bf16:
+        assert_same_logs_over_seeds(recipe, tokenizer)
+    else:
+        assert_same_logs(*runs(recipe, tokenizer))
 
 
 # TRL 1.16's 15 DPO loss types, split in two runs (WPO weighting does not apply to the aot losses, and TRL's own
