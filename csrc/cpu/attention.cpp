@@ -34,9 +34,9 @@
 // fp32 and fp64 compute in their own type. bf16 and fp16 run in 16-bit tiles on ATen's brgemm (oneDNN's
 // micro-kernels: AMX on Sapphire Rapids and later; not with oneDNN capped at avx512_core_bf16) where this CPU's oneDNN
 // has them, unless the GEMM engine is set to "registers" (set_attention_gemm, FASTLLM_CPU_ATTENTION_GEMM):
-// products of the inputs' own values summed in fp32; the forward's P to P V and the backward's P to dV and dS
-// to dQ as two 16-bit parts (high + low, ~16 mantissa bits), dS to dK rounded to the input dtype
-// (attention_forward_16bit_kernel, the kVnni backward: why). Elsewhere they are converted to fp32 on loading a
+// products of the inputs' own values summed in fp32; the forward's P to P V rounded to the input dtype, as
+// SDPA's is; the backward's P to dV and dS to dQ as two 16-bit parts (high + low, ~16 mantissa bits), dS to dK
+// rounded (attention_forward_16bit_kernel, the kVnni backward: why). Elsewhere they are converted to fp32 on loading a
 // tile, and every fp32 tile GEMM runs on fastllm's register micro-kernel (attention.h, GemmEngine: why).
 // Against SDPA on a grid of shapes, dtypes and masks (2 threads): bench/RESULTS.md, peers-attention, measured
 // with bench/attention_grid.py and bench/cases/attention.py.

@@ -197,14 +197,16 @@ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar
 // to scalar_t) the A operand of P V as it is written, and O row-major for the output, while K^T and V are the
 // VNNI-2 B operands, packed once per (sequence, kv head) for every query tile and head of the group. A row's
 // max and sum are then horizontal reductions, but only two per row per 512-key step; the transposed layout
-// cost transposes and lane interleaves on every tile instead (1.4-2x slower on AMX).
+// cost transposes and lane interleaves on every tile instead (1.4-2x slower on AMX). P is rounded once, as in
+// SDPA's bf16 P V: the output's own rounding to bf16 dominates its error (within 1.00x of SDPA's against
+// float64), and P in two parts (high + low) cost a second P V GEMM, 10-25% of the forward (bench/RESULTS.md).
 template <typename scalar_t>
 struct Forward16Workspace {
-  // padded Q rows (when head_dim needs padding), and P of one step as two 16-bit parts (high and low)
-  std::vector<scalar_t> q, p, p_low;
+  // padded Q rows (when head_dim needs padding), and P of one step rounded to scalar_t
+  std::vector<scalar_t> q, p;
   std::vector<float> s, o, row_max, row_sum;
   explicit Forward16Workspace(int64_t padded_dim)
-      : q(kBlockQ * padded_dim), p(kBlockQ * kVnniKeys), p_low(kBlockQ * kVnniKeys), s(kBlockQ * kVnniKeys),
+      : q(kBlockQ * padded_dim), p(kBlockQ * kVnniKeys), s(kBlockQ * kVnniKeys),
         o(kBlockQ * padded_dim),
         row_max(kBlockQ), row_sum(kBlockQ) {}
 };
@@ -288,20 +290,15 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
             const Vec neg_shift(-shift);
             Vec sum = zero;
             scalar_t* p_row = ws.p.data() + r * kVnniKeys;
-            scalar_t* p_low_row = ws.p_low.data() + r * kVnniKeys;
             for (c = 0; c < padded_cols; c += 2 * Vec::size()) {
               const Vec p0 = vec_exp(at::vec::fmadd(Vec::loadu(s_row + c), scale_vec, neg_shift));
               const Vec p1 = c + Vec::size() < padded_cols
                                  ? vec_exp(at::vec::fmadd(Vec::loadu(s_row + c + Vec::size()), scale_vec, neg_shift))
                                  : zero;
               sum = sum + p0 + p1;
-              // P = high + low (high_part), both rounded to scalar_t.
-              const Vec high0 = high_part<scalar_t>(p0), high1 = high_part<scalar_t>(p1);
-              store_rounded(high0, high1, p_row + c);
-              store_rounded(p0 - high0, p1 - high1, p_low_row + c);
+              store_rounded(p0, p1, p_row + c);  // P rounded once to scalar_t, as SDPA's P V does
             }
             std::fill(p_row + round_up(padded_cols, 2 * Vec::size()), p_row + depth, scalar_t(0));
-            std::fill(p_low_row + round_up(padded_cols, 2 * Vec::size()), p_low_row + depth, scalar_t(0));
             const float rescale = std::exp(old_max - shift);
             ws.row_sum[r] = ws.row_sum[r] * rescale + reduce_sum(sum);
             ws.row_max[r] = new_max;
@@ -310,10 +307,8 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
               for (int64_t d = 0; d < pdim; d += Vec::size()) (Vec::loadu(o_row + d) * Vec(rescale)).store(o_row + d);
             }
           }
-          for (const scalar_t* part : {ws.p.data(), ws.p_low.data()}) {  // O += P V, P in two parts
-            brgemm(rows, pdim, depth, kVnniKeys, pdim, pdim, /*add_C=*/true, part, packed_v.data() + base + j0 * pdim,
-                   ws.o.data(), /*is_vnni=*/true);
-          }
+          brgemm(rows, pdim, depth, kVnniKeys, pdim, pdim, /*add_C=*/true, ws.p.data(),  // O += P V
+                 packed_v.data() + base + j0 * pdim, ws.o.data(), /*is_vnni=*/true);
         }
         at::native::cpublas::brgemm_release(/*is_vnni=*/true);  // AMX's tile state
 

@@ -15,7 +15,9 @@ lr 1e-2 a few steps amplify those roundings into errors of one size but independ
 by the worst over one run, even fastllm's fp32-accurate attention tiles failed the 2x rule at 3 of 8 seeds (the
 DPO case; every bf16 case failed at some seed with the default engine). So a bf16 case runs BF16_SEEDS and
 compares, per metric, the root-mean-square error over every seed and step: at most 2x unpatched's (the largest
-ratio seen over 8 seeds in groups of 4, both engines, every bf16 case: 1.89). What that still catches, measured:
+ratio seen over 8 seeds in groups of 4, every bf16 case, three attention variants: 1.89; once infinite, at seeds
+4-7 of the SFT case, where one token's argmax flipped against none in unpatched's runs: a discrete metric such as
+mean_token_accuracy fails on any flip that unpatched does not share, as it did per step). What it still catches:
 relative noise of 2^-8 (bf16's rounding) on every fastllm attention output fails the DPO case, 2^-6 the DPO
 and GRPO cases; the SFT case passes both, so the op tests (tests/ops) are what pin attention's accuracy.
 """
