@@ -264,6 +264,32 @@ inline void store_rounded(const Vectorized<float>& low, const Vectorized<float>&
   at::vec::convert_from_float<scalar_t>(low, high).store(dst);
 }
 
+// dst[0, n) = src[0, n) rounded to scalar_t, n a multiple of 2 x Vec::size(): a row at a time, because
+// store_bf16_native cannot be inlined into code built without avx512_bf16, and a call per pair of vectors in the
+// 16-bit softmax loop made it spill its accumulators around every call.
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+__attribute__((target("avx512bf16"))) static void round_row_bf16_native(const float* src, at::BFloat16* dst,
+                                                                       int64_t n) {
+  for (int64_t c = 0; c < n; c += 32) {
+    const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + c + 16), _mm512_loadu_ps(src + c));
+    _mm512_storeu_si512(reinterpret_cast<void*>(dst + c), reinterpret_cast<__m512i>(pair));
+  }
+}
+#endif
+
+template <typename scalar_t>
+inline void round_row(const float* src, scalar_t* dst, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (has_native_bf16()) return round_row_bf16_native(src, dst, n);
+  }
+#endif
+  using Vec = Vectorized<float>;
+  for (int64_t c = 0; c < n; c += 2 * Vec::size()) {
+    at::vec::convert_from_float<scalar_t>(Vec::loadu(src + c), Vec::loadu(src + c + Vec::size())).store(dst + c);
+  }
+}
+
 // The part of fp32 values that scalar_t holds exactly, and the rest: x = high + (x - high), the difference exact
 // in fp32. bf16's high part is x truncated to its top 16 bits; fp16's is x rounded to fp16 (a mask would be
 // wrong outside fp16's normal range). Two 16-bit GEMMs on the parts carry ~16 mantissa bits of x where one
@@ -325,15 +351,6 @@ void split_rows(const float* src, int64_t ld, int64_t rows, int64_t n, scalar_t*
 // ---------------------------------------------------------------------------------------------------------
 // Elementwise helpers on padded rows
 // ---------------------------------------------------------------------------------------------------------
-// exp with NaN kept as NaN. exp_u20 (inline polynomial, ~20 ulp) costs a fraction of Sleef's 1-ulp exp; its
-// error is below that of the fp32 scores it exponentiates. It maps NaN to a finite value; since exp(v) > v
-// for every real v, max(exp(v), v) is exp(v), while the NaN-propagating maximum turns NaN back into NaN.
-// exp(-inf) = 0.
-template <typename acc_t>
-inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& v) {
-  return at::vec::maximum(v.exp_u20(), v);
-}
-
 // max(a, b) in one instruction, where NaNs need not propagate: maximum() (NaN-propagating) takes three, and in the
 // running max over a tile of scores it was a fifth of the 16-bit forward. A NaN score reaches the output anyway:
 // its exp is NaN (vec_exp), and so are the row's sum and output.
@@ -347,6 +364,16 @@ inline Vectorized<acc_t> max_ignoring_nan(const Vectorized<acc_t>& a, const Vect
   if constexpr (std::is_same_v<acc_t, double>) return _mm256_max_pd(a, b);
 #endif
   return at::vec::maximum(a, b);
+}
+
+// exp with NaN kept as NaN. exp_u20 (inline polynomial, ~20 ulp) costs a fraction of Sleef's 1-ulp exp; its
+// error is below that of the fp32 scores it exponentiates. It maps NaN to a finite value; since exp(v) > v
+// for every real v, max(exp(v), v) is exp(v), and max_ignoring_nan(a, b), one vmaxps, returns its second operand
+// b = v when either is NaN: NaN comes back as NaN. (The NaN-propagating maximum() took four instructions, a
+// quarter of the 16-bit forward's softmax samples.) exp(-inf) = 0.
+template <typename acc_t>
+inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& v) {
+  return max_ignoring_nan(v.exp_u20(), v);
 }
 
 template <typename acc_t>

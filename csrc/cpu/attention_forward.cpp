@@ -296,8 +296,11 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
                                  ? vec_exp(at::vec::fmadd(Vec::loadu(s_row + c + Vec::size()), scale_vec, neg_shift))
                                  : zero;
               sum = sum + p0 + p1;
-              store_rounded(p0, p1, p_row + c);  // P rounded once to scalar_t, as SDPA's P V does
+              p0.store(s_row + c);
+              p1.store(s_row + c + Vec::size());
             }
+            // P rounded once to scalar_t, as SDPA's P V does
+            round_row(s_row, p_row, round_up(padded_cols, 2 * Vec::size()));
             std::fill(p_row + round_up(padded_cols, 2 * Vec::size()), p_row + depth, scalar_t(0));
             const float rescale = std::exp(old_max - shift);
             ws.row_sum[r] = ws.row_sum[r] * rescale + reduce_sum(sum);

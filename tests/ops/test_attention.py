@@ -128,6 +128,34 @@ def test_rows_without_keys_give_zero_not_nan(backend, device):
     assert all(torch.isfinite(t).all() for t in (out, dq, dk, dv)) and torch.isfinite(lse[:, :, 17:]).all()
 
 
+# Every backend on a short sequence; the C++ kernels also past one 512-key step, on the 16-bit path too.
+NAN_CASES = [(b, d, torch.float32, 40) for b, d in BACKEND_DEVICES] + [
+    ("cpp", "cpu", torch.float32, 600), ("cpp", "cpu", torch.bfloat16, 600)]
+
+
+@pytest.mark.parametrize("backend,device,dtype,seqlen", NAN_CASES,
+                         ids=[f"{b}-{backend_id(t)}-{n}" for b, _, t, n in NAN_CASES])
+def test_nan_reaches_exactly_the_outputs_that_depend_on_it(backend, device, dtype, seqlen):
+    """A NaN in one query row makes that row's output NaN; a NaN in one key makes NaN every causal row that sees
+    it (as SDPA's outputs are), and leaves the rest finite: the kernels' one-instruction max and exp keep NaN."""
+    inputs, _ = make_inputs(1, seqlen, seqlen, 2, 1, 64, dtype)
+    q, k, v = (t.to(device=device, dtype=dtype) for t in inputs)
+    bad_row, bad_key = 5, seqlen - 7
+    q_nan = q.clone()
+    q_nan[0, bad_row, 1, 3] = float("nan")
+    k_nan = k.clone()
+    k_nan[0, bad_key, 0, 0] = float("nan")
+    with on_backend(backend), torch.no_grad():
+        out_q = ops.attention(q_nan, k, v).cpu().float()
+        out_k = ops.attention(q, k_nan, v, causal=True).cpu().float()
+    nan_q = torch.zeros(out_q.shape, dtype=torch.bool)
+    nan_q[0, bad_row, 1] = True
+    assert torch.equal(out_q.isnan(), nan_q) and torch.isfinite(out_q[~nan_q]).all()
+    nan_k = torch.zeros(out_k.shape, dtype=torch.bool)
+    nan_k[0, bad_key:] = True  # query i sees keys 0..i
+    assert torch.equal(out_k.isnan(), nan_k) and torch.isfinite(out_k[~nan_k]).all()
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
 def test_no_keys_at_all(backend, device):
     inputs, cotangents = make_inputs(2, 5, 0, 2, 2, 16, torch.float32)
