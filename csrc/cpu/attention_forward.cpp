@@ -199,7 +199,7 @@ void attention_forward_kernel(const scalar_t* q, const scalar_t* k, const scalar
 // max and sum are then horizontal reductions, but only two per row per 512-key step; the transposed layout
 // cost transposes and lane interleaves on every tile instead (1.4-2x slower on AMX). P is rounded once, as in
 // SDPA's bf16 P V: the output's own rounding to bf16 dominates its error (within 1.00x of SDPA's against
-// float64), and P in two parts (high + low) cost a second P V GEMM, 10-25% of the forward (bench/RESULTS.md).
+// float64), and P in two parts (high + low) cost a second P V GEMM, up to a quarter of the forward (bench/RESULTS.md).
 template <typename scalar_t>
 struct Forward16Workspace {
   // padded Q rows (when head_dim needs padding), and P of one step rounded to scalar_t
