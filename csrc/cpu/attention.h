@@ -268,11 +268,11 @@ inline void store_rounded(const Vectorized<float>& low, const Vectorized<float>&
 // store_bf16_native cannot be inlined into code built without avx512_bf16, and a call per pair of vectors in the
 // 16-bit softmax loop made it spill its accumulators around every call.
 #if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+// (store_bf16_native inlines here: same target.)
 __attribute__((target("avx512bf16"))) static void round_row_bf16_native(const float* src, at::BFloat16* dst,
                                                                        int64_t n) {
   for (int64_t c = 0; c < n; c += 32) {
-    const __m512bh pair = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + c + 16), _mm512_loadu_ps(src + c));
-    _mm512_storeu_si512(reinterpret_cast<void*>(dst + c), reinterpret_cast<__m512i>(pair));
+    store_bf16_native(_mm512_loadu_ps(src + c), _mm512_loadu_ps(src + c + 16), dst + c);
   }
 }
 #endif
@@ -286,7 +286,7 @@ inline void round_row(const float* src, scalar_t* dst, int64_t n) {
 #endif
   using Vec = Vectorized<float>;
   for (int64_t c = 0; c < n; c += 2 * Vec::size()) {
-    at::vec::convert_from_float<scalar_t>(Vec::loadu(src + c), Vec::loadu(src + c + Vec::size())).store(dst + c);
+    store_rounded(Vec::loadu(src + c), Vec::loadu(src + c + Vec::size()), dst + c);
   }
 }
 
