@@ -3,6 +3,7 @@
     python -m bench.generate                    # batch 1 and 8, 64 and 256 new tokens, greedy and sampled
     python -m bench.generate --quick            # a tiny model and a few tokens: a smoke run of seconds
     python -m bench.generate --threads 2        # torch threads for both sides (default 1)
+    python -m bench.generate --dtype bfloat16   # both models in bf16 (default float32)
 
 A Llama-style model (6 layers x 512, 8 query / 4 key-value heads, SwiGLU, vocabulary 32000) is built from a
 transformers LlamaConfig with random weights, saved to a temporary folder, and loaded by both sides:
@@ -40,8 +41,9 @@ QUICK = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_att
              num_key_value_heads=2, vocab_size=512, max_position_embeddings=128)
 
 
-def build_models(config_kwargs, folder):
-    """(transformers LlamaForCausalLM, fastllm GPT) on the same random weights, both in eval mode."""
+def build_models(config_kwargs, folder, dtype=torch.float32):
+    """(transformers LlamaForCausalLM, fastllm GPT) on the same random weights, both in eval mode and in `dtype`
+    (both cast from the same fp32 weights, so they hold the same values)."""
     import transformers
 
     from fastllm.model import GPT
@@ -52,7 +54,7 @@ def build_models(config_kwargs, folder):
     hf_model.save_pretrained(folder)
     hf_model.generation_config.eos_token_id = None  # every call runs to max_new_tokens
     hf_model.generation_config.pad_token_id = 0
-    return hf_model, GPT.from_hf(folder).eval()
+    return hf_model.to(dtype), GPT.from_hf(folder).to(dtype).eval()
 
 
 def hf_generate(model, prompts, new_tokens, sample):
@@ -142,6 +144,8 @@ def main(argv=None):
     parser.add_argument("--batches", help="comma-separated batch sizes (default 1,8)")
     parser.add_argument("--new-tokens", help="comma-separated new-token counts (default 64,256)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both sides (default 1)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="both models' weights and activations (default float32)")
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "out"), help="folder for generate.json")
     args = parser.parse_args(argv)
     config = QUICK if args.quick else FULL
@@ -154,10 +158,10 @@ def main(argv=None):
     load_before = os.getloadavg()
     machine = {"device": "cpu", "cpu": reporting._cpu_model(), "cpu_cores": os.cpu_count(),
                "torch_threads": torch.get_num_threads()}
-    print(f"{reporting.machine_title(machine)}, torch {torch.__version__}, {args.threads} thread(s), load average "
-          f"{load_before[0]:.2f}; model {config}", flush=True)
+    print(f"{reporting.machine_title(machine)}, torch {torch.__version__}, {args.threads} thread(s), {args.dtype}, "
+          f"load average {load_before[0]:.2f}; model {config}", flush=True)
     with tempfile.TemporaryDirectory() as folder:
-        hf_model, model = build_models(config, folder)
+        hf_model, model = build_models(config, folder, getattr(torch, args.dtype))
     rows = measure_speed(hf_model, model, config["vocab_size"], batches, new_token_counts, args.rounds)
     splits = [decode_step_split(model, config["vocab_size"], batch, max(new_token_counts)) for batch in batches]
     for split in splits:
@@ -171,7 +175,7 @@ def main(argv=None):
     path = os.path.join(args.out, "generate.json")
     with open(path, "w") as out:
         json.dump({"command": " ".join(["python -m bench.generate", *(argv or sys.argv[1:])]), "model": config,
-                   "torch_threads": torch.get_num_threads(),
+                   "dtype": args.dtype, "torch_threads": torch.get_num_threads(),
                    "load_average": {"before": load_before, "after": load_after}, "speed": rows, "decode_step": splits},
                   out, indent=1)
     print(f"wrote {path}")

@@ -395,12 +395,13 @@ def _check_tolerance(*dtypes):
     return 1e-4, 1e-5
 
 
-def compare_outputs(actual: tuple, expected: tuple) -> Optional[str]:
-    """None if a variant's forward outputs match the baseline's, else where and by how much they differ."""
+def compare_outputs(actual: tuple, expected: tuple, compute_dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None if a variant's forward outputs match the baseline's, else where and by how much they differ.
+    compute_dtype: the case's dtype, which sets the tolerance also for fp32 outputs of 16-bit maths (autocast)."""
     if len(actual) != len(expected):
         return f"returns {len(actual)} outputs, {BASELINE} returns {len(expected)}"
     for index, (got, want) in enumerate(zip(actual, expected)):
-        rtol, atol = _check_tolerance(got.dtype, want.dtype)
+        rtol, atol = _check_tolerance(got.dtype, want.dtype, *([compute_dtype] if compute_dtype else []))
         try:
             torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
         except AssertionError as mismatch:
@@ -552,7 +553,7 @@ def run_case(case: Case, family: str, machine: Machine, variants: Optional[set] 
             continue
         _fill_rates(result, case, machine)
         if name != BASELINE and baseline_outputs is not None:
-            result.mismatch = compare_outputs(prepared[name].outputs, baseline_outputs)
+            result.mismatch = compare_outputs(prepared[name].outputs, baseline_outputs, case.dtype)
             result.speedup_forward = _ratio(baseline.forward_ms, result.forward_ms)
             result.speedup_forward_backward = _ratio(baseline.forward_backward_ms, result.forward_backward_ms)
             result.memory_vs_eager_forward = _ratio(result.forward_peak_mib, baseline.forward_peak_mib)

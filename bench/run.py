@@ -34,6 +34,8 @@ def parse_args(argv):
     parser.add_argument("--variants", help="comma-separated variants to run, e.g. eager,fastllm[cpp] "
                                            "(default: all; with --quick all but torch.compile, whose "
                                            "compile takes longer than the whole quick run)")
+    parser.add_argument("--dtypes", help="comma-separated dtypes of the cases to run, e.g. bfloat16 "
+                                         "(default: every case's)")
     parser.add_argument("--quick", action="store_true", help="small sizes and short measurements")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         default="cuda" if torch.cuda.is_available() else "cpu")
@@ -55,18 +57,23 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def select_cases(device, quick, names):
-    """(family, case) pairs: all, or those named in `names` by family, op, or family.op."""
-    selected, known = [], set()
+def select_cases(device, quick, names, dtypes=None):
+    """(family, case) pairs: all, or those named in `names` by family, op, or family.op, of the `dtypes` named
+    (dtype names as in the tables, e.g. "bfloat16") or of any."""
+    selected, known, known_dtypes = [], set(), set()
     for family, module in families().items():
         for case in module.cases(device, quick):
             keys = {family, case.op, f"{family}.{case.op}"}
             known |= keys
-            if names is None or keys & set(names):
+            known_dtypes.add(harness.dtype_name(case.dtype))
+            if (names is None or keys & set(names)) and (dtypes is None or harness.dtype_name(case.dtype) in dtypes):
                 selected.append((family, case))
     unknown = set(names or ()) - known
     if unknown:
         raise SystemExit(f"--ops: unknown {sorted(unknown)}; known families, ops and family.op: {sorted(known)}")
+    unknown = set(dtypes or ()) - known_dtypes
+    if unknown:
+        raise SystemExit(f"--dtypes: unknown {sorted(unknown)}; the cases' dtypes are {sorted(known_dtypes)}")
     return selected
 
 
@@ -109,7 +116,8 @@ def main(argv=None):
     results_md = args.results_md or (os.path.join(args.out, "RESULTS.md") if args.quick else DEFAULT_RESULTS_MD)
     os.makedirs(args.out, exist_ok=True)
 
-    selected = select_cases(device, args.quick, args.ops.split(",") if args.ops else None)
+    selected = select_cases(device, args.quick, args.ops.split(",") if args.ops else None,
+                            args.dtypes.split(",") if args.dtypes else None)
     if args.allocator == "recycled" and device.type == "cpu":
         settings = dataclasses.replace(settings, cpu_memory=False)  # RSS keeps freed pages: time only
     allocator = harness.use_allocator(args.allocator)

@@ -12,6 +12,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("logit_stats_backward", &fastllm::logit_stats_backward, py::arg("x"), py::arg("labels"),
         py::arg("lse"), py::arg("a"), py::arg("b"), py::arg("c"), py::arg("d"), py::arg("inv_temperature"),
         py::arg("out") = py::none());
+  m.def("wide_matmul_available", &fastllm::wide_matmul_available, py::arg("dtype"));
+  m.def("wide_addmm_", &fastllm::wide_addmm_, py::arg("out"), py::arg("a"), py::arg("b"), py::arg("beta"));
 
   // norm family
   m.def("norm_forward", &fastllm::norm_forward, py::arg("x"), py::arg("residual"), py::arg("weight"),

@@ -29,6 +29,12 @@ torch::Tensor logit_stats_backward(
     const torch::Tensor& a, const std::optional<torch::Tensor>& b, const std::optional<torch::Tensor>& c,
     const std::optional<torch::Tensor>& d, double inv_temperature, const std::optional<torch::Tensor>& out);
 
+// out = beta * out + a @ b for bf16 or fp16 a and b (2-D, rows or columns contiguous) and a float32 out with
+// contiguous rows, products and sums in fp32 (cpu/wide_matmul.cpp: the fused linear heads' fp32 gradients).
+// wide_matmul_available(dtype) says whether this torch has the GEMM for dtype; wide_addmm_ fails without it.
+bool wide_matmul_available(torch::ScalarType dtype);
+void wide_addmm_(torch::Tensor& out, const torch::Tensor& a, const torch::Tensor& b, double beta);
+
 // ---- norm family (cpu/norm.cpp) ----
 // LayerNorm (rms=false) or RMSNorm (rms=true) over the last dimension of x (rows, cols), with an optional
 // fused residual add: h = x + residual (rounded to x's dtype) is normalized and returned as residual_out.

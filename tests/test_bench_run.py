@@ -113,3 +113,20 @@ def test_bench_generate_quick(tmp_path):
     for split in report["decode_step"]:
         assert split["wall_ms_per_step"] > 0
         assert split["ms_per_step"]["matmuls"] > 0 and "rest: prefill, Python (wall - sections)" in split["ms_per_step"]
+
+
+def test_select_cases_by_dtype():
+    """--dtypes keeps the cases of the named dtypes: the fused heads' bf16 ones include the autocast runs (fp32
+    inputs, listed by their bf16 compute dtype); an unknown dtype is refused with the known ones."""
+    from bench.run import select_cases
+
+    selected = select_cases(torch.device("cpu"), True, ["fused_linear"], ["bfloat16"])
+    assert selected and {case.dtype for _, case in selected} == {torch.bfloat16}
+    autocast = [case for _, case in selected if case.op.endswith("_autocast")]
+    assert {case.op for case in autocast} == {"linear_token_logprobs_autocast", "linear_cross_entropy_autocast"}
+    hidden, weight, _ = autocast[0].make_inputs(torch.device("cpu"), autocast[0].dtype)
+    assert hidden.dtype == weight.dtype == torch.float32
+    plain = [case for _, case in selected if case.op == "linear_cross_entropy"]
+    assert plain[0].make_inputs(torch.device("cpu"), plain[0].dtype)[0].dtype == torch.bfloat16
+    with pytest.raises(SystemExit, match=r"--dtypes: unknown \['float8'\]"):
+        select_cases(torch.device("cpu"), True, ["fused_linear"], ["float8"])

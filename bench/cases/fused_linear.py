@@ -7,6 +7,9 @@ F.cross_entropy (linear_cross_entropy); "torch.compile" is the same code compile
 F.linear_cross_entropy with LinearCrossEntropyOptions() (chunked, never holding the logits; per token for
 linear_token_logprobs).
 
+Each op runs in fp32 and in bf16 (weights and activations in bf16, as a model loaded in bf16 trains), and the
+two heads also under bf16 autocast with fp32 inputs ("_autocast": mixed precision's fp32 master weights).
+
 The issue's grid is tokens {2048, 8192} x hidden {768, 2048} x vocabulary {32000, 50257, 128256}. It runs in
 full on CUDA. On a CPU, one eager forward+backward is 6 N H V FLOPs at ~0.1-0.2 TFLOP/s on 2 cores: 10 s at
 the headline and 100 s at 8192 x 2048 x 128256, whose eager run also needs ~17 GB for four fp32 copies of the
@@ -86,6 +89,20 @@ OPS = {
 NATIVE_PEER = "F.linear_cross_entropy[chunked]"
 
 
+def under_autocast(fn):
+    """fn under bf16 autocast: mixed-precision training's fp32 master weights with bf16 matmuls."""
+    def autocast_fn(*args):
+        with torch.autocast(args[0].device.type, torch.bfloat16):
+            return fn(*args)
+    return autocast_fn
+
+
+# Mixed precision (fp32 inputs, bf16 autocast): listed with dtype bfloat16, the dtype the matmuls run in
+AUTOCAST_OPS = {f"{op}_autocast": tuple(under_autocast(fn) for fn in OPS[op])
+                for op in ("linear_token_logprobs", "linear_cross_entropy")}
+DTYPES = (torch.float32, torch.bfloat16)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Work: the matmuls dominate. Forward: logits, 2 N H V. Forward+backward: also grad_hidden and grad_weight,
 # 6 N H V, the least any implementation does (fastllm's per-token backward recomputes the logits: 8 N H V).
@@ -138,13 +155,20 @@ def _shapes(device, quick):
     return GRID if device.type == "cuda" else CPU_SHAPES
 
 
+def _fp32_inputs(tokens, hidden, vocab):
+    make_inputs = _inputs(tokens, hidden, vocab)
+    return lambda device, dtype: make_inputs(device, torch.float32)
+
+
 def cases(device, quick: bool) -> list[Case]:
     device = torch.device(device)
+    runs = [(op, fns, dtype, INPUTS[op]) for op, fns in OPS.items() for dtype in DTYPES]
+    runs += [(op, fns, torch.bfloat16, _fp32_inputs) for op, fns in AUTOCAST_OPS.items()]
     result = []
-    for op, (eager, fastllm_op, native) in OPS.items():
+    for op, (eager, fastllm_op, native), dtype, inputs in runs:
         variants = standard_variants(eager, fastllm_op, {NATIVE_PEER: native} if native else None)
         for tokens, hidden, vocab in _shapes(device, quick):
-            result.append(Case(op=op, shape=f"{tokens}x{hidden}x{vocab}", dtype=torch.float32,
-                               make_inputs=INPUTS[op](tokens, hidden, vocab),
+            result.append(Case(op=op, shape=f"{tokens}x{hidden}x{vocab}", dtype=dtype,
+                               make_inputs=inputs(tokens, hidden, vocab),
                                variants=variants, flops=_flops(tokens, hidden, vocab)))
     return result

@@ -16,10 +16,12 @@ autocast dtype F.linear casts to. Then the weight (and bias) are cast once per c
 the call returns; never saved for backward), each chunk's hidden rows as it comes, and the logits are in that
 dtype, as F.linear's are. Each gradient comes back in its own input's dtype (fp32 master weights get an fp32
 gradient, as through autocast's cast) and is computed at that precision: when it is wider than the compute
-dtype, the two gradient products take their half-precision operands upcast, one vocabulary slice at a time
-(WIDE_BYTES), so a product is never rounded to the half dtype (TRL's chunked head does the same; rounding every
+dtype, a gradient product is never rounded to the half dtype (TRL's chunked head does the same; rounding every
 chunk's product to bf16 adds an error TRL's does not have). A half-precision weight gradient is summed over
-chunks in fp32 and rounded once at the end.
+chunks in fp32 and rounded once at the end. Those fp32 products run, on the C++ backend, as one 16-bit x 16-bit
+-> fp32 GEMM each (csrc/cpu/wide_matmul.cpp), the weight's accumulating in the GEMM itself; without one (other
+backends, a torch without MKL) the operands are upcast one vocabulary slice at a time (WIDE_BYTES), at the
+fp32 matmul's rate, and a half weight gradient's per-chunk product is rounded to the half dtype, as eager's is.
 """
 from typing import NamedTuple, Optional
 
@@ -102,9 +104,11 @@ def _wider(dtype, than):
 
 class GradientSums:
     """grad_hidden, grad_weight and grad_bias built chunk by chunk, in the inputs' dtypes; each one not wanted is
-    an empty tensor. `weight` is the projection's weight in the compute dtype."""
+    an empty tensor. `weight` is the projection's weight in the compute dtype; `wide_gemm` is a kernel backend's
+    wide_addmm_(out, a, b, beta) (out = beta out + a @ b, 16-bit a and b, fp32 out: products and sums in fp32),
+    or None where it has none for the compute dtype."""
 
-    def __init__(self, projection, want_grads, weight):
+    def __init__(self, projection, want_grads, weight, wide_gemm=None):
         hidden, bias, compute = projection.hidden, projection.bias, projection.compute_dtype
         self.projection, self.compute_weight = projection, weight
         self.want_hidden, self.want_weight = want_grads[0], want_grads[1]
@@ -115,9 +119,16 @@ class GradientSums:
         self.wide_weight = self.want_weight and _wider(projection.weight.dtype, compute)
         self.hidden = torch.empty_like(hidden) if self.want_hidden else None  # every row is written by one chunk
         self.weight = self.bias = None  # the first chunk's contribution, then the running sum
+        # The fp32 products the wide GEMM makes in one call each, accumulating inside the GEMM: no upcast copy,
+        # no V x H temporary, no separate add (what is left goes slice by slice below)
+        self.gemm_hidden = wide_gemm is not None and self.wide_hidden and hidden.dtype == torch.float32
+        self.gemm_weight = (wide_gemm is not None and self.want_weight and self.sum_dtype == torch.float32
+                            and compute != torch.float32)
+        self.wide_gemm = wide_gemm
         # products summed into a wider dtype go slice by slice (no V x H temporary in the compute dtype)
-        self.sliced = self.wide_hidden or (self.want_weight and self.sum_dtype != compute)
-        if self.want_weight and self.sum_dtype != compute:
+        self.sliced = ((self.wide_hidden and not self.gemm_hidden)
+                       or (self.want_weight and self.sum_dtype != compute and not self.gemm_weight))
+        if self.want_weight and self.sum_dtype != compute and not self.gemm_weight:
             self.weight = torch.zeros(projection.weight.shape, dtype=self.sum_dtype, device=hidden.device)
 
     @property
@@ -129,12 +140,24 @@ class GradientSums:
         weight = self.compute_weight
         if self.sliced:
             self._add_by_vocab_slices(ranges, hidden, dlogits)
-        if self.want_weight and self.sum_dtype == dlogits.dtype:
+        if self.gemm_weight:
+            first = self.weight is None
+            if first:  # written whole by the first chunk (beta 0), so never zero-filled
+                self.weight = torch.empty(self.projection.weight.shape, dtype=torch.float32, device=hidden.device)
+            self.wide_gemm(self.weight, dlogits.t(), hidden, 0.0 if first else 1.0)
+        elif self.want_weight and self.sum_dtype == dlogits.dtype:
             if self.weight is None:
                 self.weight = dlogits.t() @ hidden
             else:
                 self.weight.addmm_(dlogits.t(), hidden)  # accumulated inside the matmul: no V x H temporary
-        if self.want_hidden and not self.wide_hidden:
+        if self.gemm_hidden:
+            if len(ranges) == 1:
+                self.wide_gemm(self.hidden[ranges[0][0]:ranges[0][1]], dlogits, weight, 0.0)
+            else:
+                rows = dlogits.new_empty(dlogits.shape[0], weight.shape[1], dtype=torch.float32)
+                self.wide_gemm(rows, dlogits, weight, 0.0)
+                put_rows(self.hidden, ranges, rows)
+        elif self.want_hidden and not self.wide_hidden:
             if len(ranges) == 1 and self.hidden.dtype == dlogits.dtype:
                 torch.mm(dlogits, weight, out=self.hidden[ranges[0][0]:ranges[0][1]])
             else:
@@ -144,20 +167,22 @@ class GradientSums:
             self.bias = bias if self.bias is None else self.bias.add_(bias)
 
     def _add_by_vocab_slices(self, ranges, hidden, dlogits):
-        """The products that end in a wider dtype than the compute dtype, one vocabulary slice at a time (no
-        temporary larger than a slice): a wide gradient's from upcast operands, a half weight's (summed in fp32)
-        rounded to the compute dtype, as eager's is."""
-        weight, hidden_grad = self.compute_weight, self.wide_hidden
-        weight_grad = self.want_weight and self.sum_dtype != dlogits.dtype
+        """The products that end in a wider dtype than the compute dtype and that the wide GEMM does not make,
+        one vocabulary slice at a time (no temporary larger than a slice): a wide gradient's from upcast
+        operands, a half weight's (summed in fp32) rounded to the compute dtype, as eager's is."""
+        weight = self.compute_weight
+        hidden_grad = self.wide_hidden and not self.gemm_hidden
+        wide_weight = self.wide_weight and not self.gemm_weight
+        weight_grad = self.want_weight and self.sum_dtype != dlogits.dtype and not self.gemm_weight
         wide = self.hidden.dtype if hidden_grad else self.sum_dtype
         hidden_rows = torch.zeros(hidden.shape, dtype=wide, device=hidden.device) if hidden_grad else None
-        wide_hidden = hidden.to(wide) if self.wide_weight else None
+        wide_hidden = hidden.to(wide) if wide_weight else None
         for start, end in even_ranges(dlogits.shape[1], max(1, WIDE_BYTES // (dlogits.shape[0] * wide.itemsize))):
             part = dlogits[:, start:end]
-            wide_part = part.to(wide) if hidden_grad or self.wide_weight else None
+            wide_part = part.to(wide) if hidden_grad or wide_weight else None
             if hidden_grad:
                 hidden_rows.addmm_(wide_part, weight[start:end].to(wide))
-            if self.wide_weight:
+            if wide_weight:
                 self.weight[start:end].addmm_(wide_part.t(), wide_hidden)
             elif weight_grad:
                 self.weight[start:end] += part.t() @ hidden
@@ -175,6 +200,14 @@ class GradientSums:
                 final(self.bias, bias_like))
 
 
+def wide_gemm(backend, kernel_module, dtype):
+    """The backend's 16-bit x 16-bit -> fp32 GEMM for dtype (see GradientSums), or None: the C++ backend has one
+    where this torch has MKL's (x86 builds); elsewhere the fp32 products are torch matmuls, sliced."""
+    if backend == "cpp" and dtype in (torch.bfloat16, torch.float16) and kernel_module.wide_matmul_available(dtype):
+        return kernel_module.wide_addmm_
+    return None
+
+
 def run_chunks(backend, projection, chunks, on_chunk, *, want_sum=False, want_entropy=False, saved_lse=None,
                want_grads=(False, False, False)):
     """Walk `chunks`; per chunk compute the logits and their row statistics (or take lse from `saved_lse`),
@@ -184,7 +217,7 @@ def run_chunks(backend, projection, chunks, on_chunk, *, want_sum=False, want_en
     softmax_kernels = kernels(backend, SOFTMAX)
     hidden_all, _, _, labels_all, inv_temperature, ignore_index, dtype = projection
     weight, bias = (None if t is None else t.to(dtype) for t in projection[1:3])  # no copy when already in dtype
-    grads = GradientSums(projection, want_grads, weight)
+    grads = GradientSums(projection, want_grads, weight, wide_gemm(backend, softmax_kernels, dtype))
     # One logits buffer for every chunk: a fresh 128 MiB tensor costs ~50 ms of page faults on the CPU
     # (measured: 60 ms to allocate and fill, 10 ms to refill), as much as the softmax kernels themselves.
     most_rows = max(sum(end - start for start, end in ranges) for ranges in chunks)

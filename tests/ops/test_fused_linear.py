@@ -349,6 +349,111 @@ def test_scalar_loss_backward_hands_over_its_gradients():
         loss.backward()
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The C++ backend's 16-bit x 16-bit -> fp32 GEMM (csrc/cpu/wide_matmul.cpp), behind the gradient products that
+# end in fp32: fp32 master weights under autocast, and a 16-bit weight's gradient summed over chunks
+# ---------------------------------------------------------------------------------------------------------
+def _cpp_kernels():
+    from fastllm import _cpp
+
+    return _cpp.load()
+
+
+def _assert_fp32_accurate(got, exact, a, b, c=None):
+    """Within fp32 accumulation's bound of the float64 value (k 2^-24 |a| |b|, plus one rounding of c): far
+    below one 16-bit rounding of the product (2^-9 of it for bf16)."""
+    bound = a.shape[1] * 2.0 ** -24 * (a.double().abs() @ b.double().abs()) + 1e-30
+    if c is not None:
+        bound += 2.0 ** -24 * c.double().abs() * 2
+    assert torch.isfinite(got).all()
+    assert ((got.double() - exact).abs() <= bound).all(), f"largest error {(got.double() - exact).abs().max()}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=backend_id)
+def test_wide_gemm_matches_float64(dtype):
+    """out = beta out + a @ b over plain, transposed and strided operands, into strided rows, with beta 0 on a
+    NaN-filled out, beta 1, and an empty sum."""
+    kernels = _cpp_kernels()
+    assert kernels.wide_matmul_available(dtype), "x86 builds of torch ship MKL's cblas_gemm_*f32"
+    m, k, n = 37, 301, 19
+
+    def rounded(*shape):
+        return torch.randn(shape, dtype=torch.float64).to(dtype)
+
+    a, b = rounded(m, k), rounded(k, n)
+    exact = a.double() @ b.double()
+    operands = {"plain": (a, b), "transposed": (a.t().contiguous().t(), b.t().contiguous().t()),
+                "strided": (torch.stack([a, a], -1)[..., 0], torch.stack([b, b], -1)[..., 1])}
+    for name, (lhs, rhs) in operands.items():
+        out = torch.full((m, n), float("nan"))
+        kernels.wide_addmm_(out, lhs, rhs, 0.0)
+        _assert_fp32_accurate(out, exact, a, b)
+    wide = torch.full((m, n + 5), float("nan"))  # rows with a stride: the 5 extra columns must stay untouched
+    c = torch.randn(m, n)
+    wide[:, :n] = c
+    kernels.wide_addmm_(wide[:, :n], a, b, 1.0)
+    _assert_fp32_accurate(wide[:, :n], c.double() + exact, a, b, c)
+    assert wide[:, n:].isnan().all()
+    empty_a, empty_b = a[:, :0], b[:0]
+    out = torch.full((m, n), float("nan"))
+    kernels.wide_addmm_(out, empty_a, empty_b, 0.0)
+    assert torch.equal(out, torch.zeros(m, n))
+    kernels.wide_addmm_(out.copy_(c), empty_a, empty_b, 1.0)
+    assert torch.equal(out, c)
+
+
+def test_wide_gemm_bad_input():
+    kernels = _cpp_kernels()
+    a, b, out = torch.ones(4, 3, dtype=torch.bfloat16), torch.ones(3, 5, dtype=torch.bfloat16), torch.zeros(4, 5)
+    assert not kernels.wide_matmul_available(torch.float32)
+    bad = [((out, a.float(), b.float(), 0.0), "no 16-bit x 16-bit -> float32 GEMM for Float"),
+           ((out, a, b.half(), 0.0), "a and b must have one dtype"),
+           ((out.bfloat16(), a, b, 0.0), "out must be float32, got BFloat16"),
+           ((torch.zeros(4, 6), a, b, 0.0), r"shapes do not chain: out \[4, 6\] = a \[4, 3\] @ b \[3, 5\]"),
+           ((torch.zeros(5, 4).t(), a, b, 0.0), "out must have contiguous rows"),
+           ((out, a[None], b, 0.0), "must be 2-D")]
+    for args, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            kernels.wide_addmm_(*args)
+
+
+@pytest.mark.parametrize("master", [torch.float32, torch.bfloat16], ids=backend_id)
+def test_wide_gemm_gradients(master, monkeypatch):
+    """bf16 matmuls with fp32 master weights (autocast) or with bf16 weights summed over chunks in fp32: the C++
+    backend makes every fp32 product in the wide GEMM (one call per product and chunk, none left to the sliced
+    torch path) and gives that path's gradients, at least as close to float64."""
+    hidden, weight, bias, labels = make_projection((29,), 24, 301, master, bias=True)
+    chunks = 5  # chunk_size 6
+    calls = []
+    wide_gemm = _chunked_head.wide_gemm
+
+    def counted(*args):
+        gemm = wide_gemm(*args)
+
+        def call(*gemm_args):
+            calls.append(gemm_args[0].shape)
+            return gemm(*gemm_args)
+        return call if gemm is not None else None
+
+    def gradients(with_wide_gemm):
+        monkeypatch.setattr(_chunked_head, "wide_gemm", counted if with_wide_gemm else lambda *args: None)
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        with on_backend("cpp"), torch.autocast("cpu", torch.bfloat16, enabled=master == torch.float32):
+            ops.linear_cross_entropy(*leaves[:2], labels, bias=leaves[2], chunk_size=6).backward()
+        return [leaf.grad for leaf in leaves]
+
+    wide, sliced = gradients(True), gradients(False)
+    # products: the weight's every chunk, and the hidden's every chunk where its gradient is fp32
+    assert len(calls) == chunks * (2 if master == torch.float32 else 1)
+    leaves64 = [t.to(torch.bfloat16).double().requires_grad_(True) for t in (hidden, weight, bias)]
+    reference.linear_cross_entropy(*leaves64[:2], labels, bias=leaves64[2]).backward()
+    for name, ours, theirs, leaf in zip(("hidden", "weight", "bias"), wide, sliced, leaves64):
+        assert ours.dtype == theirs.dtype == master, name
+        exact = leaf.grad
+        ours_error, theirs_error = ((g.double() - exact).norm() / exact.norm() for g in (ours, theirs))
+        assert ours_error <= theirs_error * 1.01 + 1e-7, f"{name}: {ours_error:.3g} vs the sliced path's {theirs_error:.3g}"
+
+
 def test_automatic_chunk_size():
     """A chunk of logits stays within CHUNK_BYTES, and chunks are as even as possible."""
     most = fused_linear.chunk_rows(50257, torch.float32)
