@@ -4,7 +4,7 @@ GPT.hidden_states runs every layout through the modules and fastllm.ops, whose p
 arguments and pick a backend at each call: right for training, but at one token per row those checks cost
 about as much as the kernels. A Decoder does that work once, when generation starts:
   - the backend (cpp or triton) is resolved and its norm and attention kernels are called directly;
-  - each weight matrix is laid out once for the batch size (CPU fp32, see decode_linear), and the layouts
+  - each weight matrix is laid out once for the batch size (CPU fp32 and bf16, see decode_linear), and the layouts
     are kept for the model's next calls until its weights change (cached_linear);
   - RoPE's cos / sin are computed for every cache position up front and gathered per step;
   - positions, cache lengths and cache slots are device tensors advanced in place (no host round trip).
@@ -64,17 +64,58 @@ def decode_linear(weight, bias, batch):
     On CPU in fp32, at one row: the transposed weight, contiguous, so the product reads it in the order it is
     stored (MKL's gemv on the (out, in) layout runs at about half the memory bandwidth); at several rows:
     oneDNN's blocked layout packed for `batch` rows (what torch.compile's CPU freezing pass uses), about 2x an
-    MKL gemm that repacks the weight at every call. Anything else: F.linear on the weight as it is."""
-    if weight.device.type == "cpu" and weight.dtype == torch.float32:
+    MKL gemm that repacks the weight at every call. In bf16, at one row: MKL's bf16 x bf16 -> fp32 GEMM on the
+    weight as stored (csrc/cpu/wide_matmul.cpp), rounded to bf16 once as F.linear's fp32 sum is: 2-6x
+    F.linear, whose bf16 matrix-vector product reads the weight at about 11 GB/s here; at several rows,
+    oneDNN's packed layout as in fp32 (2-2.5x). Anything else: F.linear on the weight as it is."""
+    if weight.device.type != "cpu":
+        return lambda x: F.linear(x, weight, bias)
+    weight = weight.detach()
+    bias = None if bias is None else bias.detach()
+    if weight.dtype == torch.float32:
         if batch == 1:
-            transposed = weight.detach().t().contiguous()
+            transposed = weight.t().contiguous()
             if bias is None:
                 return lambda x: torch.mm(x, transposed)
             return lambda x: torch.addmm(bias, x, transposed)
         if torch.backends.mkldnn.is_available():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch)
-            return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+            return _packed_linear(weight, bias, batch)
+    if weight.dtype == torch.bfloat16:
+        if batch == 1:
+            wide_gemm = _wide_gemm()
+            if wide_gemm is not None:
+                return _wide_linear(wide_gemm, weight, bias)
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return _packed_linear(weight, bias, batch)
     return lambda x: F.linear(x, weight, bias)
+
+
+def _packed_linear(weight, bias, batch):
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def _wide_gemm():
+    """The C++ backend's wide_addmm_ for bf16, or None (no extension, or a torch without MKL)."""
+    from .. import _cpp
+
+    try:
+        module = _cpp.load()
+    except _cpp.CppUnavailable:
+        return None
+    return module.wide_addmm_ if module.wide_matmul_available(torch.bfloat16) else None
+
+
+def _wide_linear(wide_gemm, weight, bias):
+    transposed = weight.t()  # a view: the GEMM reads the (out, in) weight as stored
+    wide_bias = None if bias is None else bias.float()[None]
+
+    def linear(x):
+        out = (torch.empty(x.shape[0], weight.shape[0], dtype=torch.float32) if wide_bias is None
+               else wide_bias.expand(x.shape[0], -1).clone())
+        wide_gemm(out, x, transposed, 0.0 if wide_bias is None else 1.0)
+        return out.to(torch.bfloat16)
+    return linear
 
 
 def cached_linear(model, name, module_or_weight, batch):

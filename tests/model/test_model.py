@@ -286,14 +286,17 @@ def test_kv_cache_decodes_like_a_full_forward():
     torch.testing.assert_close(step[1, 0], model.hidden_states(torch.tensor([b + [10]]))[0, -1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("batch", [1, 3], ids=["one_row", "rows"])  # the two CPU weight layouts
 @pytest.mark.parametrize("style", STYLES)
-def test_decoder_steps_equal_the_cached_forward(style, batch):
+def test_decoder_steps_equal_the_cached_forward(style, batch, dtype):
     """decode.Decoder (kernels called directly, weights laid out for the batch, RoPE table, device positions)
-    gives the hidden states of GPT.hidden_states with a cache, step by step, rows of different lengths."""
-    model = _model(style)
+    gives the hidden states of GPT.hidden_states with a cache, step by step, rows of different lengths (in bf16
+    up to a few bf16 roundings: the two sides' matmuls sum in different orders)."""
+    model = _model(style).to(dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     prompts = PROMPTS[1:1 + batch]
-    assert decode.can_decode(model, torch.device("cpu"), torch.float32)
+    assert decode.can_decode(model, torch.device("cpu"), dtype)
     caches = [KVCache(model.config.n_layer, batch, 16) for _ in range(2)]
     lengths = torch.tensor([len(p) for p in prompts])
     packed = torch.tensor([[t for p in prompts for t in p]])
@@ -305,10 +308,28 @@ def test_decoder_steps_equal_the_cached_forward(style, batch):
         tokens = torch.tensor([3, 14, 15])[:batch]
         for _ in range(4):
             expected = model.hidden_states(tokens[:, None], cache=caches[1])[:, 0]
-            torch.testing.assert_close(decoder.step(tokens), expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(decoder.step(tokens), expected, atol=tolerance, rtol=tolerance)
             tokens = (tokens * 7 + 1) % VOCAB
     decoder.finish()
     assert caches[0].lengths == caches[1].lengths == (lengths + 4).tolist()
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("batch", [1, 3], ids=["one_row", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_linear_matches_float64(dtype, batch, with_bias):
+    """Each CPU weight layout of the decode step (fp32: transposed / oneDNN-packed; bf16: MKL's bf16 x bf16 ->
+    fp32 GEMM / oneDNN-packed) is within 2x F.linear's own rms error against float64, in F.linear's dtype."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(301, 67, generator=generator).to(dtype)
+    bias = torch.randn(301, generator=generator).to(dtype) if with_bias else None
+    x = torch.randn(batch, 67, generator=generator).to(dtype)
+    exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    ours = decode.decode_linear(weight, bias, batch)(x)
+    theirs = F.linear(x, weight, bias)
+    assert ours.dtype == theirs.dtype == dtype and ours.shape == theirs.shape
+    ours_error, theirs_error = ((t.double() - exact).norm() for t in (ours, theirs))  # rms: max is one draw
+    assert ours_error <= 2 * theirs_error, f"{ours_error:.3g} vs F.linear's {theirs_error:.3g}"
 
 
 def test_decoder_weight_layouts_follow_weight_updates():
