@@ -88,10 +88,30 @@ def _sample(logits, temperature, top_k, top_p, generator, want_logprobs):
     else:
         scaled = logits / temperature
         restricted = restrict_logits(scaled, top_k, top_p) if top_k is not None or top_p is not None else scaled
-        tokens = torch.multinomial(restricted.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+        tokens = draw(restricted.softmax(dim=-1), generator)
     if not want_logprobs:
         return tokens, None
     return tokens, (scaled.gather(-1, tokens[:, None]).squeeze(-1) - scaled.logsumexp(dim=-1))
+
+
+def draw(probs, generator=None):
+    """One index per row of probs (B, V), row b's index i with probability probs[b, i] / sum(probs[b]).
+
+    On a CPU by the inverse CDF: one uniform per row against the row's running sum (in float64, so no
+    probability moves by more than ~1e-16 of the total). torch.multinomial draws one exponential per entry
+    instead (an exponential race): 6.7 ms a step for 8 rows of 32000 on one core, as long as a decode step's
+    matmuls. Same distribution, another random stream. Elsewhere torch.multinomial (fast on GPUs, and no host
+    sync for the check below)."""
+    if probs.device.type != "cpu":
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.to(torch.float64, copy=True).cumsum_(dim=-1)  # in place: a second buffer costs page faults
+    totals = cdf[:, -1:]
+    if not (torch.isfinite(totals) & (totals > 0)).all() or probs.min() < 0:  # a NaN or inf makes its total so
+        raise ValueError("probs must be finite and non-negative with a positive sum in every row, got "
+                         f"row sums {totals.squeeze(-1).tolist()}")
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator) * totals
+    # the first index whose running sum exceeds u: never one of probability 0 (its sum equals the one before)
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 def generate(model, prompts, max_new_tokens, *, temperature=1.0, top_k=None, top_p=None, stop_tokens=(),

@@ -37,7 +37,9 @@ def tiny_gpt(seed):
 
 
 def bandit_reward(prompt, response):
-    return float(response[0] < 4)
+    # Half the vocabulary pays: a batch of 8 rollouts all paid alike (zero advantages, a step that cannot train
+    # and fails the tests' "it trained" check) is then a 1-in-128 draw, not the 1-in-10 of a quarter
+    return float(response[0] < 8)
 
 
 class RecordingPPO(PPOTrainer):

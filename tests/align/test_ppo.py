@@ -32,6 +32,12 @@ def bandit_reward(prompt, response):
     return float(response[0] < 4)
 
 
+def graded_reward(prompt, response):
+    """Many distinct values, for tests that need every step to train: a batch whose rollouts all score alike has
+    zero advantages (with bandit_reward, 8 rollouts all miss its 4 tokens of 16 one draw in 10)."""
+    return response[0] / 16 + response[-1] / 256
+
+
 def config(tmp_path, **kw):
     base = dict(out_dir=str(tmp_path), steps=20, batch_size=8, minibatch_size=8, ppo_epochs=2, max_new_tokens=2,
                 lr=1e-2, critic_lr=1e-2, kl_coef=0.01, progress=False, plot=False, checkpoint_interval=0, seed=3)
@@ -58,7 +64,7 @@ def test_ppo_raises_reward_on_bandit(tmp_path, critic):
 def test_first_minibatch_ratio_exactly_one_with_dropout_configured(tmp_path):
     # The models are built with dropout 0.3: PPO must keep them in eval mode, or the ratio would not be 1.
     policy = tiny_gpt(dropout=0.3)
-    trainer = PPOTrainer(policy, config(tmp_path, steps=3), PROMPTS, reward_fn=bandit_reward)
+    trainer = PPOTrainer(policy, config(tmp_path, steps=3), PROMPTS, reward_fn=graded_reward)
     for _ in range(3):
         record = trainer.train_step()
         assert record["first_ratio"] == 1.0 and record["first_clip_fraction"] == 0.0
@@ -221,7 +227,7 @@ def test_fused_update_matches_materialised_logits_in_every_mode(tmp_path, loss_a
     for fused in (True, False):
         cfg = config(tmp_path / str(fused), fused=fused, max_new_tokens=4, advantage="grpo", group_size=2,
                      batch_size=4, loss_agg=loss_agg, ratio_level=ratio_level, kl_estimator="k2", kl_clamp=10.0)
-        trainer = PPOTrainer(tiny_gpt(), cfg, PROMPTS, reward_fn=bandit_reward)
+        trainer = PPOTrainer(tiny_gpt(), cfg, PROMPTS, reward_fn=graded_reward)
         trainer.train_step()
         params.append(torch.cat([p.detach().flatten() for p in trainer.policy.parameters()]))
     keep = key_bias_mask(trainer.policy)  # its gradient is rounding noise: 2.7e-5 apart on an Intel Xeon

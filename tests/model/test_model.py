@@ -354,6 +354,32 @@ def test_decoder_weight_layouts_follow_weight_updates():
     decode.release_layouts(model)
 
 
+def test_draw_samples_the_distribution():
+    """generate's CPU sampler (inverse CDF, one uniform per row): frequencies within 5 sigma of the
+    probabilities, never an index of probability 0, unnormalised rows as their normalised selves, the same
+    draws from the same seed, the input untouched; a row that is no distribution is refused."""
+    from fastllm.model.generate import draw
+
+    rows = 40000
+    probs = torch.tensor([[0.5, 0.2, 0.0, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 2.0]], dtype=torch.float64)
+    batch = probs.repeat(rows // 2, 1)  # rows alternate between the two distributions
+    original = batch.clone()
+    tokens = draw(batch, torch.Generator().manual_seed(0))
+    assert torch.equal(batch, original) and tokens.dtype == torch.int64 and tokens.shape == (rows,)
+    assert torch.all(tokens[1::2] == 4)
+    counts = torch.bincount(tokens[0::2], minlength=5).double()
+    expected = probs[0] * rows / 2
+    assert counts[2] == 0 and counts[4] == 0
+    assert torch.all((counts - expected).abs() <= 5 * (expected * (1 - probs[0])).sqrt() + 1e-9), counts
+    again = draw((batch * 3).float(), torch.Generator().manual_seed(0))
+    assert (again != tokens).float().mean() < 1e-3  # the same uniforms: only float32 rounding moves a boundary
+    assert torch.equal(draw(batch, torch.Generator().manual_seed(0)), tokens)
+    for bad in (torch.tensor([[0.5, float("nan")]]), torch.tensor([[0.5, -0.1, 0.6]]), torch.zeros(1, 3),
+                torch.tensor([[float("inf"), 1.0]])):
+        with pytest.raises(ValueError, match="probs must be finite and non-negative with a positive sum"):
+            draw(bad)
+
+
 def test_sampling_is_reproducible_with_a_seed():
     model = _model("llama")
 

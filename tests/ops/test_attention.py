@@ -208,6 +208,29 @@ def test_varlen_equals_loop_over_sequences(backend, device, mask):
             assert torch.equal(out[0].cpu(), got[0][rows]) and torch.equal(lse[0].cpu(), got[1][:, rows])
 
 
+# The C++ decode kernel's register blocking: query heads per kv head (groups of up to 4 in registers, then the
+# rest), head_dim vectors in groups of 4 plus a remainder (80 fp32: 4 + 1, 59: a partial vector), key blocks of
+# 32 cut short (70 keys), four-key score chains with a remainder, and an empty cache row.
+DECODE_BLOCKING = [(2, 1, 80, torch.float32), (10, 2, 59, torch.float32), (8, 1, 128, torch.bfloat16),
+                   (6, 2, 80, torch.bfloat16)]
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("heads_q,heads_kv,head_dim,dtype", DECODE_BLOCKING,
+                         ids=[f"{q}-{kv}-d{d}-{backend_id(t)}" for q, kv, d, t in DECODE_BLOCKING])
+def test_cpp_decode_kernel_blocking(heads_q, heads_kv, head_dim, dtype):
+    kv_lengths = torch.tensor([70, 0, 3, 33])
+    inputs, cotangents = make_inputs(4, 1, 72, heads_q, heads_kv, head_dim, dtype)
+
+    def decode(q, k, v, **options):
+        return ops.attention_decode(q, k, v, kv_lengths, **options)
+
+    def full(q, k, v, **options):
+        return reference.attention_decode(q, k, v, kv_lengths, **options)
+
+    check_against_float64(decode, full, "cpp", "cpu", dtype, inputs, cotangents)
+
+
 @pytest.mark.usefixtures("poison_outputs")
 @pytest.mark.parametrize("seqlen_q", [1, 3])
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
