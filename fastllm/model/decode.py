@@ -96,14 +96,15 @@ def _packed_linear(weight, bias, batch):
 
 
 def _wide_gemm():
-    """The C++ backend's wide_addmm_ for bf16, or None (no extension, or a torch without MKL)."""
+    """The C++ backend's bf16 x bf16 -> fp32 GEMM, as the fused heads find it, or None (no extension, or a torch
+    without MKL)."""
     from .. import _cpp
+    from ..ops._chunked_head import wide_gemm
 
     try:
-        module = _cpp.load()
+        return wide_gemm("cpp", _cpp.load(), torch.bfloat16)
     except _cpp.CppUnavailable:
         return None
-    return module.wide_addmm_ if module.wide_matmul_available(torch.bfloat16) else None
 
 
 def _wide_linear(wide_gemm, weight, bias):
