@@ -401,7 +401,7 @@ def compare_outputs(actual: tuple, expected: tuple, compute_dtype: Optional[torc
     if len(actual) != len(expected):
         return f"returns {len(actual)} outputs, {BASELINE} returns {len(expected)}"
     for index, (got, want) in enumerate(zip(actual, expected)):
-        rtol, atol = _check_tolerance(got.dtype, want.dtype, *([compute_dtype] if compute_dtype else []))
+        rtol, atol = _check_tolerance(got.dtype, want.dtype, compute_dtype)
         try:
             torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
         except AssertionError as mismatch:

@@ -464,7 +464,8 @@ void attention_decode_kernel(const scalar_t* q, const scalar_t* k, const scalar_
   }
   parallel_items(first_task.back(), max_keys * dim * group, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> q_rows(group * padded_dim, acc_t(0)), scores(group * max_keys), out_rows(group * padded_dim),
-        stage(kDecodeKeyBlock * padded_dim, acc_t(0)), row_max(group), row_sum(group);
+        stage(std::is_same_v<scalar_t, acc_t> ? 0 : kDecodeKeyBlock * padded_dim, acc_t(0)),  // acc_t rows: unused
+        row_max(group), row_sum(group);
     const acc_t* rows[kDecodeKeyBlock];
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = std::upper_bound(first_task.begin(), first_task.end(), task) - first_task.begin() - 1;
