@@ -3,6 +3,7 @@
 // tile GEMM, elementwise helpers on padded rows, which keys each query sees, and the task scheduler.
 #pragma once
 #include "fastllm.h"
+#include "vec_math.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -264,32 +265,6 @@ inline void store_rounded(const Vectorized<float>& low, const Vectorized<float>&
   at::vec::convert_from_float<scalar_t>(low, high).store(dst);
 }
 
-// dst[0, n) = src[0, n) rounded to scalar_t, n a multiple of 2 x Vec::size(): a row at a time, because
-// store_bf16_native cannot be inlined into code built without avx512_bf16, and a call per pair of vectors in the
-// 16-bit softmax loop made it spill its accumulators around every call.
-#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
-// (store_bf16_native inlines here: same target.)
-__attribute__((target("avx512bf16"))) static void round_row_bf16_native(const float* src, at::BFloat16* dst,
-                                                                       int64_t n) {
-  for (int64_t c = 0; c < n; c += 32) {
-    store_bf16_native(_mm512_loadu_ps(src + c), _mm512_loadu_ps(src + c + 16), dst + c);
-  }
-}
-#endif
-
-template <typename scalar_t>
-inline void round_row(const float* src, scalar_t* dst, int64_t n) {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
-  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (has_native_bf16()) return round_row_bf16_native(src, dst, n);
-  }
-#endif
-  using Vec = Vectorized<float>;
-  for (int64_t c = 0; c < n; c += 2 * Vec::size()) {
-    store_rounded(Vec::loadu(src + c), Vec::loadu(src + c + Vec::size()), dst + c);
-  }
-}
-
 // The part of fp32 values that scalar_t holds exactly, and the rest: x = high + (x - high), the difference exact
 // in fp32. bf16's high part is x truncated to its top 16 bits; fp16's is x rounded to fp16 (a mask would be
 // wrong outside fp16's normal range). Two 16-bit GEMMs on the parts carry ~16 mantissa bits of x where one
@@ -351,29 +326,10 @@ void split_rows(const float* src, int64_t ld, int64_t rows, int64_t n, scalar_t*
 // ---------------------------------------------------------------------------------------------------------
 // Elementwise helpers on padded rows
 // ---------------------------------------------------------------------------------------------------------
-// max(a, b) in one instruction, where NaNs need not propagate: maximum() (NaN-propagating) takes three, and in the
-// running max over a tile of scores it was a fifth of the 16-bit forward. A NaN score reaches the output anyway:
-// its exp is NaN (vec_exp), and so are the row's sum and output.
-template <typename acc_t>
-inline Vectorized<acc_t> max_ignoring_nan(const Vectorized<acc_t>& a, const Vectorized<acc_t>& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<acc_t, float>) return _mm512_max_ps(a, b);
-  if constexpr (std::is_same_v<acc_t, double>) return _mm512_max_pd(a, b);
-#elif defined(CPU_CAPABILITY_AVX2)
-  if constexpr (std::is_same_v<acc_t, float>) return _mm256_max_ps(a, b);
-  if constexpr (std::is_same_v<acc_t, double>) return _mm256_max_pd(a, b);
-#endif
-  return at::vec::maximum(a, b);
-}
-
-// exp with NaN kept as NaN. exp_u20 (inline polynomial, ~20 ulp) costs a fraction of Sleef's 1-ulp exp; its
-// error is below that of the fp32 scores it exponentiates. It maps NaN to a finite value; since exp(v) > v
-// for every real v, max(exp(v), v) is exp(v), and max_ignoring_nan(a, b), one vmaxps, returns its second operand
-// b = v when either is NaN: NaN comes back as NaN. (The NaN-propagating maximum() took four instructions, a
-// quarter of the 16-bit forward's softmax samples.) exp(-inf) = 0.
+// exp with NaN kept as NaN, exp(-inf) = 0 (vec_math.h).
 template <typename acc_t>
 inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& v) {
-  return max_ignoring_nan(v.exp_u20(), v);
+  return vec_exp_fast(v);
 }
 
 template <typename acc_t>
@@ -384,6 +340,52 @@ inline acc_t reduce_max(const Vectorized<acc_t>& v) {
 template <typename acc_t>
 inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return x + y; }, v);
+}
+
+// One row of a 16-bit forward step's P: p[c] = exp(s[c] * scale - shift) rounded to scalar_t, for c < n (n a
+// multiple of Vec::size(), padded with p = 0 to a multiple of 2 x Vec::size()); returns the fp32 sum of the
+// unrounded values. One pass, two accumulators in registers: exp, sum and a separate rounding pass over an fp32
+// copy of P spilled the sum to the stack (a fifth of the loop's samples, perf) and read P twice.
+template <typename scalar_t, typename Store>
+__attribute__((always_inline)) inline float exp_row_to(const float* s, int64_t n, float scale, float shift, scalar_t* p,
+                                                       const Store& store) {
+  using Vec = Vectorized<float>;
+  const Vec scale_vec(scale), neg_shift(-shift);
+  Vec sum0(0.0f), sum1(0.0f);
+  int64_t c = 0;
+  for (; c + 2 * Vec::size() <= n; c += 2 * Vec::size()) {
+    const Vec p0 = vec_exp(at::vec::fmadd(Vec::loadu(s + c), scale_vec, neg_shift));
+    const Vec p1 = vec_exp(at::vec::fmadd(Vec::loadu(s + c + Vec::size()), scale_vec, neg_shift));
+    sum0 = sum0 + p0;
+    sum1 = sum1 + p1;
+    store(p0, p1, p + c);
+  }
+  if (c < n) {
+    const Vec p0 = vec_exp(at::vec::fmadd(Vec::loadu(s + c), scale_vec, neg_shift));
+    sum0 = sum0 + p0;
+    store(p0, Vec(0.0f), p + c);
+  }
+  return reduce_sum(sum0 + sum1);
+}
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+// (vec_exp and store_bf16_native inline here: this target has every feature theirs have.)
+__attribute__((target("avx512bf16"))) static float exp_row_bf16_native(const float* s, int64_t n, float scale,
+                                                                      float shift, at::BFloat16* p) {
+  return exp_row_to(s, n, scale, shift, p, [](__m512 low, __m512 high, at::BFloat16* dst)
+                                               __attribute__((always_inline)) { store_bf16_native(low, high, dst); });
+}
+#endif
+
+template <typename scalar_t>
+inline float exp_row(const float* s, int64_t n, float scale, float shift, scalar_t* p) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__GNUC__)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (has_native_bf16()) return exp_row_bf16_native(s, n, scale, shift, p);
+  }
+#endif
+  return exp_row_to(s, n, scale, shift, p, [](const Vectorized<float>& low, const Vectorized<float>& high,
+                                               scalar_t* dst) { store_rounded(low, high, dst); });
 }
 
 // dst[r * ld + d] = src[r * src_stride + d] as acc_t for d < dim, 0 for dim <= d < ld: rows of q, k, v or dout

@@ -225,7 +225,9 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
   // row range).
   const std::vector<int64_t> first_tile = first_key_tiles(seqs, heads_kv);
   const int64_t tile_elems = kBlockK * pdim;
-  std::vector<scalar_t> packed_kt(first_tile.back() * tile_elems), packed_v(first_tile.back() * tile_elems);
+  // Uninitialised (the loads write every element, padding included): a zero-filled vector wrote the buffers twice.
+  const std::unique_ptr<scalar_t[]> packed_kt(new scalar_t[first_tile.back() * tile_elems]);
+  const std::unique_ptr<scalar_t[]> packed_v(new scalar_t[first_tile.back() * tile_elems]);
   parallel_items(static_cast<int64_t>(seqs.size()) * heads_kv, first_tile.back() * tile_elems / std::max<int64_t>(
                      1, static_cast<int64_t>(seqs.size()) * heads_kv), [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -234,8 +236,8 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
       const int64_t keys = ceil_div(seq.k_len, kBlockK) * kBlockK;
       const int64_t base = (first_tile[b] + kv_head * (keys / kBlockK)) * tile_elems;
       const int64_t offset = (seq.k_start * heads_kv + kv_head) * dim;
-      load_rows_vnni_transposed(k + offset, heads_kv * dim, seq.k_len, dim, pdim, keys, packed_kt.data() + base);
-      load_rows_vnni(v + offset, heads_kv * dim, seq.k_len, dim, keys, pdim, packed_v.data() + base);
+      load_rows_vnni_transposed(k + offset, heads_kv * dim, seq.k_len, dim, pdim, keys, packed_kt.get() + base);
+      load_rows_vnni(v + offset, heads_kv * dim, seq.k_len, dim, keys, pdim, packed_v.get() + base);
     }
   });
 
@@ -257,14 +259,14 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
         std::fill(ws.o.begin(), ws.o.end(), 0.0f);
         std::fill(ws.row_max.begin(), ws.row_max.end(), -kInf<float>);
         std::fill(ws.row_sum.begin(), ws.row_sum.end(), 0.0f);
-        const Vec scale_vec(scale), zero(0.0f), neg_inf(-kInf<float>);
+        const Vec neg_inf(-kInf<float>);
 
         const int64_t first_key = seq.first_key(i0), last_key = seq.last_key(i0 + rows - 1);
         for (int64_t j0 = first_key / kBlockK * kBlockK; j0 <= last_key; j0 += kVnniKeys) {
           const int64_t cols = std::min(kVnniKeys, last_key + 1 - j0);  // the step ends at the last key seen
           const int64_t padded_cols = round_up(cols, kPad), depth = round_up(cols, 32);
           brgemm(rows, padded_cols, pdim, ld_q, keys, kVnniKeys, /*add_C=*/false, q_rows,
-                 packed_kt.data() + base + 2 * j0, ws.s.data(), /*is_vnni=*/true);  // S = Q K^T
+                 packed_kt.get() + base + 2 * j0, ws.s.data(), /*is_vnni=*/true);  // S = Q K^T
           // -inf for the keys a row does not see and for the padding [cols, padded_cols)
           if (padded_cols != cols || !seq.tile_unmasked(i0, i0 + rows, j0, j0 + cols)) {
             mask_tile(seq, i0, rows, j0, cols, padded_cols, ws.s.data(), kVnniKeys);
@@ -287,23 +289,12 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
             // output through its exp and the row's sum (store below).
             const float new_max = std::isnan(old_max) ? old_max : std::max(old_max, reduce_max(step_max) * scale);
             const float shift = new_max == -kInf<float> ? 0.0f : new_max;  // a row that has seen no key yet
-            const Vec neg_shift(-shift);
-            Vec sum = zero;
-            scalar_t* p_row = ws.p.data() + r * kVnniKeys;
-            for (c = 0; c < padded_cols; c += 2 * Vec::size()) {
-              const Vec p0 = vec_exp(at::vec::fmadd(Vec::loadu(s_row + c), scale_vec, neg_shift));
-              const Vec p1 = c + Vec::size() < padded_cols
-                                 ? vec_exp(at::vec::fmadd(Vec::loadu(s_row + c + Vec::size()), scale_vec, neg_shift))
-                                 : zero;
-              sum = sum + p0 + p1;
-              p0.store(s_row + c);
-              p1.store(s_row + c + Vec::size());
-            }
             // P rounded once to scalar_t, as SDPA's P V does
-            round_row(s_row, p_row, round_up(padded_cols, 2 * Vec::size()));
+            scalar_t* p_row = ws.p.data() + r * kVnniKeys;
+            const float step_sum = exp_row(s_row, padded_cols, scale, shift, p_row);
             std::fill(p_row + round_up(padded_cols, 2 * Vec::size()), p_row + depth, scalar_t(0));
             const float rescale = std::exp(old_max - shift);
-            ws.row_sum[r] = ws.row_sum[r] * rescale + reduce_sum(sum);
+            ws.row_sum[r] = ws.row_sum[r] * rescale + step_sum;
             ws.row_max[r] = new_max;
             float* o_row = ws.o.data() + r * pdim;
             if (rescale != 1.0f) {
@@ -311,7 +302,7 @@ void attention_forward_16bit_kernel(const scalar_t* q, const scalar_t* k, const 
             }
           }
           brgemm(rows, pdim, depth, kVnniKeys, pdim, pdim, /*add_C=*/true, ws.p.data(),  // O += P V
-                 packed_v.data() + base + j0 * pdim, ws.o.data(), /*is_vnni=*/true);
+                 packed_v.get() + base + j0 * pdim, ws.o.data(), /*is_vnni=*/true);
         }
         at::native::cpublas::brgemm_release(/*is_vnni=*/true);  // AMX's tile state
 
