@@ -4,6 +4,10 @@ transformers models (generate, Trainer, save/load). Tiny randomly initialised co
 Every comparison is against a float64 copy of the unpatched model, with the unpatched fp32 model's own error as
 the yardstick (numerics.assert_matches_reference).
 """
+import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -251,3 +255,20 @@ def test_eval_with_labels_keeps_logits_and_custom_losses_are_respected():
         warnings.simplefilter("error")
         out = patched(input_ids=input_ids, labels=labels)
     assert out.logits is not None and out.loss.item() == 0
+
+
+def test_checkout_root_does_not_shadow_hf_kernels():
+    """`python -m` from a checkout puts its root, and so its kernels/ folder, on sys.path. transformers 5.25+
+    imports Hugging Face's `kernels` package by that name (LlamaConfig and every model failed to import); the
+    folder hands the top-level name over to the installed package and stays fastllm.kernels for fastllm."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    script = ("import importlib.metadata, json, kernels, fastllm.kernels, transformers\n"
+              "transformers.LlamaConfig()\n"
+              "try:\n    importlib.metadata.distribution('kernels'); installed = True\n"
+              "except importlib.metadata.PackageNotFoundError:\n    installed = False\n"
+              "print(json.dumps([installed, kernels.__file__, fastllm.kernels.__file__]))")
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    installed, top_level, ours = json.loads(result.stdout.strip().splitlines()[-1])
+    assert ours == os.path.join(root, "kernels", "__init__.py")
+    assert (top_level != ours) == installed  # HF's package where installed, else the folder itself (harmless)
