@@ -196,7 +196,8 @@ class Decoder:
         if self.wpe is None:  # cos, sin (max_len, 1, hd/2) for every position the cache can hold
             cos, sin = rotary_cos_sin(torch.arange(cache.max_len, device=self.device)[None], self.head_dim,
                                       config.rope_theta)
-            self.cos, self.sin = cos[0], sin[0]
+            # in the model's dtype once, as apply_rotary casts them on every call (12 casts a step at 6 layers)
+            self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
         # Flat (B * max_len, heads, hd) views of each layer's cache: row b's position p is slot b * max_len + p.
         self.keys = [k.view(-1, *k.shape[2:]) for k in cache.keys]
         self.values = [v.view(-1, *v.shape[2:]) for v in cache.values]

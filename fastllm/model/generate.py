@@ -81,6 +81,8 @@ def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, generator=No
 
 def _sample(logits, temperature, top_k, top_p, generator, want_logprobs):
     """sample_next, with the log-probs (None) skipped unless wanted. Batched, on the logits' device."""
+    if temperature == 0 and not want_logprobs:
+        return logits.argmax(dim=-1), None  # in the logits' own dtype: the same index, no fp32 copy
     logits = logits.float()
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
