@@ -7,6 +7,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // softmax family
   m.def("softmax_forward", &fastllm::softmax_forward, py::arg("x"), py::arg("log"));
   m.def("softmax_backward", &fastllm::softmax_backward, py::arg("dy"), py::arg("y"), py::arg("log"));
+  m.def("row_argmax", &fastllm::row_argmax, py::arg("x"));
   m.def("logit_stats_forward", &fastllm::logit_stats_forward, py::arg("x"), py::arg("labels"),
         py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("want_sum"), py::arg("want_entropy"));
   m.def("logit_stats_backward", &fastllm::logit_stats_backward, py::arg("x"), py::arg("labels"),

@@ -13,6 +13,7 @@ namespace fastllm {
 // ---- softmax family (cpu/softmax.cpp, cpu/logit_stats.cpp) ----
 torch::Tensor softmax_forward(const torch::Tensor& x, bool log);
 torch::Tensor softmax_backward(const torch::Tensor& dy, const torch::Tensor& y, bool log);
+torch::Tensor row_argmax(const torch::Tensor& x);
 
 // Row statistics of z = x * inv_temperature: (lse, target, sum_z, entropy) of shape (rows,), lse in fp64 (so
 // that z - lse keeps its low bits when |lse| is large, see the backward), the others fp32. target is z[label]

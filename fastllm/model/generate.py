@@ -12,6 +12,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .. import backend as _backend
+from ..ops._common import kernels
+
 
 class KVCache:
     """Keys and values of every layer for `batch_size` sequences of at most `max_len` tokens each.
@@ -82,10 +85,10 @@ def sample_next(logits, *, temperature=1.0, top_k=None, top_p=None, generator=No
 def _sample(logits, temperature, top_k, top_p, generator, want_logprobs):
     """sample_next, with the log-probs (None) skipped unless wanted. Batched, on the logits' device."""
     if temperature == 0 and not want_logprobs:
-        return logits.argmax(dim=-1), None  # in the logits' own dtype: the same index, no fp32 copy
+        return greedy(logits), None  # on the logits as they are: the same index, no fp32 copy
     logits = logits.float()
     if temperature == 0:
-        tokens = logits.argmax(dim=-1)
+        tokens = greedy(logits)
         scaled = logits
     else:
         scaled = logits / temperature
@@ -94,6 +97,16 @@ def _sample(logits, temperature, top_k, top_p, generator, want_logprobs):
     if not want_logprobs:
         return tokens, None
     return tokens, (scaled.gather(-1, tokens[:, None]).squeeze(-1) - scaled.logsumexp(dim=-1))
+
+
+def greedy(logits):
+    """logits.argmax(dim=-1) of (B, V) logits: the first of equal maxima, NaN the largest. On the C++ backend, its
+    row_argmax kernel: ATen's CPU argmax takes 1.3 ns an element on one core (0.3 ms a step at 8 x 32000, more
+    than the step's attention), 10x the kernel."""
+    if (logits.device.type == "cpu" and logits.dim() == 2 and logits.shape[-1] > 0
+            and _backend.resolve(logits.device, logits.dtype) == "cpp"):
+        return kernels("cpp", "softmax").row_argmax(logits.contiguous())
+    return logits.argmax(dim=-1)
 
 
 def draw(probs, generator=None):

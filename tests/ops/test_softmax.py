@@ -272,3 +272,37 @@ def test_logit_stats_backward_in_place(backend, device, dtype):
     assert torch.equal(in_place, expected)
     with pytest.raises((ValueError, RuntimeError), match="out must be a contiguous"):
         launchers.logit_stats_backward(logits, labels, lse, a, b, c, d, 0.8, out=logits[:, :100])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpp_row_argmax_matches_torch_argmax(dtype):
+    """The C++ greedy pick (fastllm.model.generate.greedy) is torch.argmax exactly: the first of equal maxima,
+    across 2048-column chunks and vector lanes; a NaN counts as the largest (its first one); an all -inf row
+    gives 0; odd widths."""
+    from fastllm.ops._common import kernels
+
+    generator = torch.Generator().manual_seed(5)
+    rows = []
+    for cols in (1, 7, 33, 2049, 32000, 70001):
+        x = torch.randn(4, cols, generator=generator, dtype=torch.float64)
+        if cols > 40:
+            x[0, [cols // 3, cols - 2, 5]] = 50.0  # ties: the first (5) wins, in another chunk than the rest
+            x[1, [cols - 1, cols // 2]] = float("nan")  # the first NaN
+            x[2] = float("-inf")
+            x[3, cols - 1] = float("inf")
+        rows.append(x.to(dtype))
+    rows.append(torch.full((3, 100), 2.0, dtype=dtype))  # every value equal: index 0
+    for x in rows:
+        got = kernels("cpp", "softmax").row_argmax(x)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, x.argmax(dim=-1)), (x.shape, got, x.argmax(dim=-1))
+
+
+def test_greedy_is_argmax_on_every_backend():
+    from fastllm.model.generate import greedy
+
+    logits = torch.randn(8, 5003).bfloat16()
+    for name in ("cpp", "torch"):
+        with fastllm.use_backend(name):
+            assert torch.equal(greedy(logits), logits.argmax(dim=-1))
+    assert torch.equal(greedy(logits.t().contiguous().t()), logits.argmax(dim=-1))  # non-contiguous view
