@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from .. import backend as _backend
 from ..ops._common import kernels
 from ..ops.attention import window_bounds
-from .gpt import apply_rotary, rotary_cos_sin
+from .gpt import rotary_cos_sin
 
 KERNEL_BACKENDS = ("cpp", "triton")
 _timings = None  # while section_times() is active: {section: seconds}
@@ -196,8 +196,9 @@ class Decoder:
         if self.wpe is None:  # cos, sin (max_len, 1, hd/2) for every position the cache can hold
             cos, sin = rotary_cos_sin(torch.arange(cache.max_len, device=self.device)[None], self.head_dim,
                                       config.rope_theta)
-            # in the model's dtype once, as apply_rotary casts them on every call (12 casts a step at 6 layers)
-            self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
+            # Full-width tables in the model's dtype, for _rotate's two products: [cos, cos] and [-sin, sin]
+            cos, sin = cos[0].to(dtype), sin[0].to(dtype)
+            self.cos, self.sin = torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
         # Flat (B * max_len, heads, hd) views of each layer's cache: row b's position p is slot b * max_len + p.
         self.keys = [k.view(-1, *k.shape[2:]) for k in cache.keys]
         self.values = [v.view(-1, *v.shape[2:]) for v in cache.values]
@@ -207,7 +208,7 @@ class Decoder:
         self.cache = cache
         self._norm_kernel = timed(norm_kernel, "norms")
         self._attention_kernel = timed(attention_kernel, "attention")
-        self._rotate = timed(apply_rotary, "rotary, embedding, activation")
+        self._rotate = timed(self._rotary, "rotary, embedding, activation")
         self._activate = timed(self._activation, "rotary, embedding, activation")
         self._store = timed(self._store_kv, "cache writes")
 
@@ -222,7 +223,7 @@ class Decoder:
         if self.wpe is not None:
             x = x + self.wpe[self.positions]
         else:
-            rope = self.cos[self.positions, None], self.sin[self.positions, None]  # (B, 1, 1, hd/2) each
+            rope = self.cos[self.positions], self.sin[self.positions]  # (B, 1, hd) each
         slots = self.row_starts + self.positions
         self.kv_lengths += 1  # the new token attends to itself
         residual = None
@@ -231,7 +232,7 @@ class Decoder:
             qk, v = c_attn(h).split([(nh + nkv) * hd, nkv * hd], dim=-1)
             qk = qk.view(B, nh + nkv, hd)
             if self.wpe is None:  # q and k side by side: one rotation for both
-                qk = self._rotate(qk[:, None], *rope)[:, 0]
+                qk = self._rotate(qk, *rope)
             q, k = qk[:, :nh].contiguous(), qk[:, nh:]
             self._store(layer, slots, k, v.view(B, nkv, hd))
             y, _ = self._attention_kernel(q, self.keys[layer], self.values[layer], None, None, self.kv_lengths, 1,
@@ -244,6 +245,12 @@ class Decoder:
 
     def logits(self, hidden):
         return self.head(hidden)
+
+    def _rotary(self, x, cos, sin):
+        """apply_rotary of x (B, heads, hd), to the bit: x1 cos - x2 sin and x2 cos + x1 sin are x * [cos, cos] plus
+        [x2, x1] * [-sin, sin], each product rounded once as there. Four tensor ops where apply_rotary takes ten
+        (chunk, casts, four products, two sums, cat): at 6 layers, ~40 fewer calls a step."""
+        return (x * cos).add_(x.roll(self.head_dim // 2, dims=-1) * sin)
 
     def _store_kv(self, layer, slots, k, v):
         self.keys[layer].index_copy_(0, slots, k)

@@ -287,6 +287,25 @@ def test_kv_cache_decodes_like_a_full_forward():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decoder_rotation_is_apply_rotary_to_the_bit(dtype):
+    """The decoder's RoPE (two products on full-width tables) rounds exactly as gpt.apply_rotary does, on a
+    real model's tables at every cache position."""
+    from fastllm.model.gpt import apply_rotary, rotary_cos_sin
+
+    model = _model("llama").to(dtype)
+    cache = KVCache(model.config.n_layer, 1, 40)
+    with torch.no_grad():
+        model.hidden_states(torch.tensor([[1, 2, 3]]), cu_seqlens=torch.tensor([0, 3]), cache=cache)
+    decoder = decode.Decoder(model, cache)
+    hd, positions = model.config.head_size, torch.tensor([0, 17, 39])
+    x = torch.randn(3, model.config.n_head + model.config.kv_heads, hd).to(dtype)
+    cos, sin = rotary_cos_sin(positions[None], hd, model.config.rope_theta)  # (1, 3, 1, hd/2)
+    expected = apply_rotary(x[None], cos, sin)[0]  # x as (1, T = 3, heads, hd)
+    got = decoder._rotary(x, decoder.cos[positions], decoder.sin[positions])
+    assert got.dtype == dtype and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("batch", [1, 3], ids=["one_row", "rows"])  # the two CPU weight layouts
 @pytest.mark.parametrize("style", STYLES)
 def test_decoder_steps_equal_the_cached_forward(style, batch, dtype):
