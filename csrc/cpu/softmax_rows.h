@@ -22,7 +22,6 @@
 // (V up to ~256K fp32 on a 2 MiB L2), so DRAM sees each input once.
 #pragma once
 #include "cpu/streaming.h"
-#include "cpu/vec_math.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -67,22 +66,19 @@ inline acc_t reduce_max(const Vectorized<acc_t>& v) {
 
 inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
-// exp(v) with NaN kept as NaN, exp(-inf) = 0 (cpu/vec_math.h: 2.7 ulp on AVX-512, ATen's exp_u20 elsewhere).
-// Either is cheaper than Sleef's 1-ulp exp (exp_u20 made the forward ~25% faster) and, with sums folded in
-// double, stays within PyTorch's fp32 error.
+// exp(v) with NaN kept as NaN. exp_u20 (inline, ~20 ulp) makes the forward ~25% faster than Sleef's
+// 1-ulp exp and, with sums folded in double, stays within PyTorch's fp32 error; but it maps NaN to a
+// huge finite value. Since exp(v) > v for every real v, max(exp(v), v) is exp(v) itself, while the
+// NaN-propagating max turns a NaN argument back into NaN. exp(-inf) = 0.
 template <typename acc_t>
 inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& v) {
-  return vec_exp_fast(v);
+  return at::vec::maximum(v.exp_u20(), v);
 }
 
-// exp for values written out one per element (the gradient's p), where the error is not averaged away by a
-// sum (the entropy gradient was 5x PyTorch's error with exp_u20's 20 ulp): vec_exp_fast's 2.7 ulp for fp32 on
-// AVX-512, else Sleef's 1-ulp exp.
+// Sleef's 1-ulp exp, for values written out one per element (the gradient's p): there exp_u20's error is
+// not averaged away by a sum (the entropy gradient was 5x PyTorch's error with it).
 template <typename acc_t>
 inline Vectorized<acc_t> vec_exp_accurate(const Vectorized<acc_t>& v) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<acc_t, float>) return vec_exp_fast(v);
-#endif
   return v.exp();
 }
 
