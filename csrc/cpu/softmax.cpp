@@ -172,34 +172,42 @@ void softmax_backward_kernel(const scalar_t* dy, const scalar_t* y, int64_t rows
 
 // The index of each row's largest value, the first of equals, a NaN counting as the largest (torch.argmax's
 // rule): greedy decoding's pick. ATen's CPU argmax takes 1.3 ns an element on one core (320 us for 8 x 32000
-// fp32 logits, a decode step's norms and attention together), 13x its amax; here a vector max and a vector
-// search for its first occurrence, both over L1-staged chunks.
+// fp32 logits, a decode step's norms and attention together), 13x its amax. Here one pass of vector maxima
+// finds the first L1-staged chunk holding the row's largest value (or its first NaN), and a vector search of
+// that chunk alone finds the index.
 template <typename scalar_t>
 void row_argmax_kernel(const scalar_t* x, int64_t rows, int64_t cols, int64_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr int kAllLanes = (1 << Vec::size()) - 1;
-  parallel_rows(rows, 2 * cols, [&](int64_t row_begin, int64_t row_end) {
+  parallel_rows(rows, cols, [&](int64_t row_begin, int64_t row_end) {
     alignas(64) acc_t buf[kChunk];
     for (int64_t r = row_begin; r < row_end; ++r) {
       const scalar_t* row = x + r * cols;
-      Vec max = Vec(kNegInf<acc_t>);  // the padding is -inf: never above a value, and after every real one
+      acc_t best = kNegInf<acc_t>;
+      int64_t best_chunk = 0;  // an all -inf row: index 0, in chunk 0
       for_each_chunk(row, cols, kNegInf<acc_t>, buf, [&](const Chunk<acc_t>& chunk) {
+        if (std::isnan(best)) return;  // the first NaN is found: nothing later counts
+        Vec max(kNegInf<acc_t>);  // the padding is -inf: never above a value
         for (int64_t i = 0; i < chunk.padded_n; i += Vec::size()) {
           max = at::vec::maximum(max, Vec::loadu(chunk.data + i));
         }
+        const acc_t chunk_max = reduce_max(max);  // NaN if the chunk holds one
+        if (std::isnan(chunk_max) || chunk_max > best) best = chunk_max, best_chunk = chunk.begin;
       });
-      const acc_t best = reduce_max(max);  // NaN if the row holds one
+      const int64_t n = std::min(kChunk, cols - best_chunk);
+      const acc_t* data = stage_chunk(row + best_chunk, n, kNegInf<acc_t>, buf);
       const Vec target(best);
-      int64_t found = -1;
-      for_each_chunk(row, cols, kNegInf<acc_t>, buf, [&](const Chunk<acc_t>& chunk) {
-        for (int64_t i = 0; found < 0 && i < chunk.padded_n; i += Vec::size()) {
-          const Vec v = Vec::loadu(chunk.data + i);
-          // zero_mask: the lanes where the comparison is false
-          const int hits = ~(std::isnan(best) ? (v != v) : (v == target)).zero_mask() & kAllLanes;
-          if (hits != 0) found = chunk.begin + i + __builtin_ctz(hits);
+      int64_t found = best_chunk;
+      for (int64_t i = 0; i < n; i += Vec::size()) {
+        const Vec v = Vec::loadu(data + i);
+        // zero_mask: the lanes where the comparison is false
+        const int hits = ~(std::isnan(best) ? (v != v) : (v == target)).zero_mask() & kAllLanes;
+        if (hits != 0) {
+          found = best_chunk + i + __builtin_ctz(hits);
+          break;
         }
-      });
+      }
       out[r] = found;
     }
   });

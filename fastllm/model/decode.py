@@ -193,7 +193,7 @@ class Decoder:
         self.ln_f, self.wte = t.ln_f, t.wte.weight
         self.head = linear("lm_head", weight, "head matmul")
         self.wpe = t.wpe.weight if config.position == "learned" else None
-        if self.wpe is None:  # cos, sin (max_len, 1, hd/2) for every position the cache can hold
+        if self.wpe is None:  # cos, sin for every position the cache can hold
             cos, sin = rotary_cos_sin(torch.arange(cache.max_len, device=self.device)[None], self.head_dim,
                                       config.rope_theta)
             # Full-width tables in the model's dtype, for _rotate's two products: [cos, cos] and [-sin, sin]
