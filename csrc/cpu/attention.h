@@ -331,12 +331,6 @@ void split_rows(const float* src, int64_t ld, int64_t rows, int64_t n, scalar_t*
 // ---------------------------------------------------------------------------------------------------------
 // Elementwise helpers on padded rows
 // ---------------------------------------------------------------------------------------------------------
-// exp with NaN kept as NaN, exp(-inf) = 0 (vec_math.h).
-template <typename acc_t>
-inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& v) {
-  return vec_exp_fast(v);
-}
-
 template <typename acc_t>
 inline acc_t reduce_max(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return at::vec::maximum(x, y); }, v);

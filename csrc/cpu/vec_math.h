@@ -8,7 +8,7 @@ namespace fastllm {
 
 // max(a, b) in one instruction, where NaNs need not propagate: maximum() (NaN-propagating) takes three, and in the
 // running max over a tile of scores it was a fifth of the 16-bit forward. A NaN score reaches the output anyway:
-// its exp is NaN (vec_exp_fast), and so are the row's sum and output.
+// its exp is NaN (vec_exp), and so are the row's sum and output.
 template <typename acc_t>
 inline at::vec::Vectorized<acc_t> max_ignoring_nan(const at::vec::Vectorized<acc_t>& a,
                                                    const at::vec::Vectorized<acc_t>& b) {
@@ -36,7 +36,7 @@ inline at::vec::Vectorized<acc_t> max_ignoring_nan(const at::vec::Vectorized<acc
 // Elsewhere (AVX2, fp64): exp_u20, which maps NaN to a finite value; since exp(v) > v for every real v,
 // max(exp(v), v) is exp(v), and max_ignoring_nan returns v when either is NaN.
 template <typename acc_t>
-inline at::vec::Vectorized<acc_t> vec_exp_fast(const at::vec::Vectorized<acc_t>& v) {
+inline at::vec::Vectorized<acc_t> vec_exp(const at::vec::Vectorized<acc_t>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     // Below -87.33 e^v is under FLT_MIN: those lanes come back as exactly 0 (a denormal or underflowing
