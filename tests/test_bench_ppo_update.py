@@ -12,8 +12,12 @@ def test_ppo_update_tiny():
     fused, materialised = (report["variants"][name] for name in ppo_update.VARIANTS)
     for r in (fused, materialised):
         assert r["median_s"] > 0 and r["tokens_per_s"] > 0
-        # the first minibatch of the first epoch: ratio exactly 1, no clipping, in both trainers
-        assert r["first_minibatch"]["ratio_mean"] == 1.0 and r["first_minibatch"]["clip_fraction"] == 0.0
+        assert r["first_minibatch"]["clip_fraction"] == 0.0
+    # The first minibatch of the first epoch: the rollout's old log-probs are the fused trainer's own (the same ops
+    # on the same weights: ratio exactly 1); the materialised trainer's come from full logits, which agree with
+    # the fused kernels' to fp32 rounding, not to the bit (measured: a ratio mean of 1 + 2^-23).
+    assert fused["first_minibatch"]["ratio_mean"] == 1.0
+    assert math.isclose(materialised["first_minibatch"]["ratio_mean"], 1.0, rel_tol=0, abs_tol=1e-6)
     for key in ("policy_loss", "entropy", "value_loss"):  # the same loss from fused ops and from full logits
         assert math.isclose(fused["first_minibatch"][key], materialised["first_minibatch"][key],
                             rel_tol=1e-5, abs_tol=1e-6), key

@@ -22,6 +22,7 @@
 // (V up to ~256K fp32 on a 2 MiB L2), so DRAM sees each input once.
 #pragma once
 #include "cpu/streaming.h"
+#include "cpu/vec_math.h"
 
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -66,19 +67,17 @@ inline acc_t reduce_max(const Vectorized<acc_t>& v) {
 
 inline int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
-// exp(v) with NaN kept as NaN. exp_u20 (inline, ~20 ulp) makes the forward ~25% faster than Sleef's
-// 1-ulp exp and, with sums folded in double, stays within PyTorch's fp32 error; but it maps NaN to a
-// huge finite value. Since exp(v) > v for every real v, max(exp(v), v) is exp(v) itself, while the
-// NaN-propagating max turns a NaN argument back into NaN. exp(-inf) = 0.
-template <typename acc_t>
-inline Vectorized<acc_t> vec_exp(const Vectorized<acc_t>& v) {
-  return at::vec::maximum(v.exp_u20(), v);
-}
+// Terms of a sum take fastllm::vec_exp (cpu/vec_math.h: NaN kept, exp(-inf) = 0; 2.7 ulp for fp32 on AVX-512,
+// exp_u20 elsewhere): with the sums folded in double either stays within PyTorch's fp32 error.
 
-// Sleef's 1-ulp exp, for values written out one per element (the gradient's p): there exp_u20's error is
-// not averaged away by a sum (the entropy gradient was 5x PyTorch's error with it).
+// exp for values written out one per element (the gradient's p), where the error is not averaged away by a
+// sum (exp_u20's 20 ulp made the entropy gradient 5x PyTorch's error): vec_exp's 2.7 ulp for fp32 on AVX-512,
+// else Sleef's 1-ulp exp.
 template <typename acc_t>
 inline Vectorized<acc_t> vec_exp_accurate(const Vectorized<acc_t>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) return vec_exp(v);
+#endif
   return v.exp();
 }
 

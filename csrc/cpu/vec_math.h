@@ -1,4 +1,4 @@
-// Vector exp for the CPU attention kernels (attention.h).
+// Vector math shared by the CPU kernels: attention (attention.h) and the softmax family (softmax_rows.h).
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 
@@ -30,9 +30,6 @@ inline at::vec::Vectorized<acc_t> max_ignoring_nan(const at::vec::Vectorized<acc
 // ulp): it builds 2^n from integer bits and clamps and blends around it; the softmax loops were half exp.
 // The clamps keep n finite (n * ln2 would be inf - inf at +-inf); both return their second operand, v,
 // when v is NaN, and NaN stays NaN through the polynomial and vscalefps.
-// The softmax family (softmax_rows.h) keeps exp_u20 and Sleef: with this exp there too (1.13-1.35x faster logit
-// statistics), tests/align/test_ddp.py's FSDP and DDP PPO runs stopped being bit-identical, and no cause was found
-// in the time there was (the kernels gave the same bits at any alignment and batch position).
 // Elsewhere (AVX2, fp64): exp_u20, which maps NaN to a finite value; since exp(v) > v for every real v,
 // max(exp(v), v) is exp(v), and max_ignoring_nan returns v when either is NaN.
 template <typename acc_t>
