@@ -18,7 +18,16 @@ KERNEL_DTYPES = {
     "triton": (torch.float32, torch.float16, torch.bfloat16),
     "cpp": (torch.float32, torch.float16, torch.bfloat16, torch.float64),
 }
-_state = threading.local()
+
+
+class _State(threading.local):
+    """The use_backend() in force on this thread (class defaults: a getattr that misses costs a raised
+    AttributeError, and resolve() runs once per op call)."""
+    name = None
+    strict = False
+
+
+_state = _State()
 
 
 def _check_name(name):
@@ -34,7 +43,7 @@ def use_backend(name, *, strict=False):
     With strict=True an op whose tensors the backend cannot handle raises BackendUnavailable instead of
     falling back to torch (what tests and benchmarks want: no silent substitution).
     """
-    previous = getattr(_state, "name", None), getattr(_state, "strict", False)
+    previous = _state.name, _state.strict
     _state.name, _state.strict = _check_name(name), strict
     try:
         yield
@@ -72,21 +81,26 @@ def _cpp_problem():
     return None
 
 
+def _device_type(device):
+    # a tensor's .device is already a torch.device: rebuilding it is a third of resolve()'s time
+    return device.type if isinstance(device, torch.device) else torch.device(device).type
+
+
 def why_unavailable(name, device):
     """None if backend `name` can run on tensors on `device`, else the reason it cannot."""
-    device = torch.device(device)
+    device_type = _device_type(device)
     if name == "torch":
         return None
     if name == "triton":
         problem = _triton_problem()
         if problem:
             return problem
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpret()):
+        if device_type == "cuda" or (device_type == "cpu" and triton_interpret()):
             return None
-        return f"triton runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), not on {device.type}"
+        return f"triton runs on CUDA tensors (or on CPU tensors with TRITON_INTERPRET=1), not on {device_type}"
     if name == "cpp":
-        if device.type != "cpu":
-            return f"the cpp backend runs on CPU tensors, not on {device.type}"
+        if device_type != "cpu":
+            return f"the cpp backend runs on CPU tensors, not on {device_type}"
         return _cpp_problem()
     raise ValueError(f"unknown fastllm backend {name!r}; expected one of {BACKENDS}")
 
@@ -100,10 +114,10 @@ def available_backends(device=None):
 
 def requested_backend(device):
     """The backend asked for (context, environment, or the device default), before any fallback."""
-    name = getattr(_state, "name", None) or os.environ.get("FASTLLM_BACKEND")
+    name = _state.name or os.environ.get("FASTLLM_BACKEND")
     if name:
         return _check_name(name)
-    return "triton" if torch.device(device).type == "cuda" else "cpp"
+    return "triton" if _device_type(device) == "cuda" else "cpp"
 
 
 @functools.cache
@@ -114,7 +128,7 @@ def warn_fallback(name, reason):
 
 def fall_back(name, reason):
     """Give up on backend `name` for one op: raise if it was required, else warn once and use torch."""
-    if getattr(_state, "strict", False):
+    if _state.strict:
         raise BackendUnavailable(f"fastllm: backend {name!r} cannot run this op: {reason}")
     warn_fallback(name, reason)
     return "torch"

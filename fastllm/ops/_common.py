@@ -94,6 +94,13 @@ def _eager_function(op):
     return function
 
 
+def needs_dispatcher():
+    """Whether an op must go through the dispatcher: a torch.compile trace, a dispatch or torch-function mode,
+    or a torch.func transform is active."""
+    return (torch.compiler.is_compiling() or bool(torch._C._len_torch_dispatch_stack())
+            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None)
+
+
 def call_op(op, *args):
     """op(*args) for one of fastllm's torch.library custom ops, without the dispatcher where it has nothing to add:
     its dispatch costs ~20-100 us a call on a 2-core CPU, more than a decode step's norm kernel takes (22 us of a
@@ -103,8 +110,7 @@ def call_op(op, *args):
     under torch.profiler either is recorded under the op's name.
     Through the dispatcher: torch.compile traces, dispatch and torch-function modes, torch.func transforms,
     tensor subclasses (DTensor, fake tensors), and gradients for an op registered without a formula."""
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._functorch.peek_interpreter_stack() is not None):
+    if needs_dispatcher():
         return op(*args)
     grad_mode, records_grad = torch.is_grad_enabled(), False
     for a in args:  # one plain loop: two any() generators over 12 arguments took 5 us of a 40 us decode call
@@ -130,15 +136,23 @@ def _profiled(op, run, args):
     return run(*args)
 
 
+_kernel_modules = {}
+
+
 def kernels(backend, family):
     """The module holding `family`'s launchers for a kernel backend: the same function names in each."""
-    if backend == "triton":
-        return importlib.import_module(f"fastllm.kernels.{family}")
-    if backend == "cpp":
-        from .. import _cpp
+    module = _kernel_modules.get((backend, family))
+    if module is None:
+        if backend == "triton":
+            module = importlib.import_module(f"fastllm.kernels.{family}")
+        elif backend == "cpp":
+            from .. import _cpp
 
-        return _cpp.load()
-    raise ValueError(f"backend {backend!r} has no kernels")
+            module = _cpp.load()
+        else:
+            raise ValueError(f"backend {backend!r} has no kernels")
+        _kernel_modules[backend, family] = module
+    return module
 
 
 # ---------------------------------------------------------------------------------------------------------

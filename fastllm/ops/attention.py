@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ._common import (LOWER, autocast_cast, autocast_device, call_op, check_same_device, check_tensor, kernels,
-                      register_autocast, resolve)
+                      needs_dispatcher, register_autocast, resolve)
 
 FAMILY = "attention"
 MAX_HEAD_DIM = 256  # what the Triton kernels' register tiles hold; every backend accepts the same range
@@ -372,6 +372,35 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return (out, _public_lse(lse, q)) if return_lse else out
 
 
+def _attention_decode_direct(q, k_cache, v_cache, kv_lengths, causal, softmax_scale, window, return_lse):
+    """attention_decode by the C++ kernel called straight, or None where the checked path must run.
+
+    Over a short cache the kernel takes less time than the checks and dispatch around it (4 us against 22 at batch 1,
+    8 / 4 heads of 64, 128 positions). So a plain eager CPU call (plain contiguous tensors, no gradient to record, no
+    autocast, trace, mode or profiler) goes straight to it. The kernel checks the shapes, dtypes, devices and lengths
+    it reads and raises; the checked path then runs and names the bad argument."""
+    if not (type(q) is type(k_cache) is type(v_cache) is type(kv_lengths) is torch.Tensor):
+        return None
+    if (q.dim() != 4 or not 1 <= q.shape[3] <= MAX_HEAD_DIM
+            or not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        return None
+    if torch._C._is_any_autocast_enabled() or torch.autograd.profiler._is_profiler_enabled or needs_dispatcher():
+        return None
+    if resolve(q) != "cpp":
+        return None
+    try:
+        softmax_scale, left, right = _check_options(causal, softmax_scale, window, q.shape[3])
+        out, lse = kernels("cpp", FAMILY).attention_decode(q, k_cache, v_cache, kv_lengths, softmax_scale, left, right)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    if not return_lse:
+        return out
+    batch, seqlen_q, heads_q = q.shape[:3]
+    return out, _public_lse(lse, q).view(heads_q, batch, seqlen_q).transpose(0, 1)
+
+
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor, *,
                      causal: bool = False, softmax_scale: Optional[float] = None, window: Optional[tuple] = None,
                      return_lse: bool = False):
@@ -386,6 +415,9 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k_cache[b, :kv_lengths[b]] for each b. Differentiable like `attention` (cache positions past the length
     get zero gradient). The lengths are checked on the host (a device sync on CUDA).
     """
+    direct = _attention_decode_direct(q, k_cache, v_cache, kv_lengths, causal, softmax_scale, window, return_lse)
+    if direct is not None:
+        return direct
     q, k_cache, v_cache = autocast_qkv(q, k_cache, v_cache)
     _check_qkv(q, k_cache, v_cache, ("batch", "seqlen_q"), ("batch", "cache_len"),
                names=("q", "k_cache", "v_cache"))

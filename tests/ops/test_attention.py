@@ -379,6 +379,67 @@ def test_bad_kv_lengths(backend, device):
             ops.attention_decode(q, k[:1], v[:1], torch.tensor([3, 3], device=device))
 
 
+DIRECT_DECODE = [  # (batch, seqlen_q, heads_q, heads_kv, head_dim, dtype, lengths dtype, options)
+    (1, 1, 8, 4, 64, torch.float32, torch.int64, dict()),
+    (3, 1, 6, 2, 59, torch.bfloat16, torch.int32, dict(causal=True)),
+    (2, 3, 4, 1, 128, torch.float16, torch.int64, dict(causal=True, window=(5, None))),
+    (3, 2, 2, 2, 16, torch.float64, torch.int32, dict(softmax_scale=0.3)),
+]
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("batch,seqlen_q,heads_q,heads_kv,head_dim,dtype,lengths_dtype,options", DIRECT_DECODE,
+                         ids=[f"{c[0]}x{c[1]}-{c[2]}/{c[3]}-d{c[4]}-{backend_id(c[5])}" for c in DIRECT_DECODE])
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_cpp_decode_direct_call_equals_the_checked_path(monkeypatch, batch, seqlen_q, heads_q, heads_kv, head_dim,
+                                                        dtype, lengths_dtype, options, return_lse):
+    """Without a gradient to record, attention_decode calls the C++ kernel straight (one binding call, no views or
+    int32 copy in Python); it gives the checked path's bits, including under poisoned outputs."""
+    from fastllm import _cpp
+
+    generator = torch.Generator().manual_seed(batch * 10 + seqlen_q)
+    cache_len = 37
+    q = torch.randn(batch, seqlen_q, heads_q, head_dim, generator=generator).to(dtype)
+    k, v = (torch.randn(batch, cache_len, heads_kv, head_dim, generator=generator).to(dtype) for _ in range(2))
+    lengths = torch.randint(seqlen_q, cache_len + 1, (batch,), generator=generator).to(lengths_dtype)
+    module, calls = _cpp.load(), []
+    direct = module.attention_decode
+    monkeypatch.setattr(module, "attention_decode", lambda *args: calls.append(args) or direct(*args))
+    with on_backend("cpp"):
+        with torch.no_grad():
+            got = ops.attention_decode(q, k, v, lengths, return_lse=return_lse, **options)
+        assert len(calls) == 1
+        checked = ops.attention_decode(q.requires_grad_(), k, v, lengths, return_lse=return_lse, **options)
+        assert len(calls) == 1  # a gradient to record: the checked path (and its autograd formula)
+    for a, b in zip(got if return_lse else [got], checked if return_lse else [checked]):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.detach())
+
+
+def test_cpp_decode_direct_call_leaves_odd_inputs_to_the_checked_path(monkeypatch):
+    """What the direct call does not take (a strided cache, int16 lengths, out-of-range lengths, a batch mismatch)
+    goes to the checked path: computed there, or refused with its error."""
+    from fastllm import _cpp
+
+    module, calls = _cpp.load(), []
+    direct = module.attention_decode
+    monkeypatch.setattr(module, "attention_decode", lambda *args: calls.append(args) or direct(*args))
+    q, k, v = _float32(*_dense(seqlen_q=1))
+    lengths = torch.tensor([3, 7])
+    with on_backend("cpp"), torch.no_grad():
+        expected = ops.attention_decode(q, k, v, lengths)
+        assert len(calls) == 1
+        strided = ops.attention_decode(q, *(torch.cat([t, t], dim=2)[:, :, :t.shape[2]] for t in (k, v)), lengths)
+        assert len(calls) == 1 and torch.equal(strided, expected)  # not contiguous: never reaches the kernel
+        assert torch.equal(ops.attention_decode(q, k, v, lengths.to(torch.int16)), expected)
+        assert len(calls) == 2  # the kernel refused int16; the checked path took it
+        with pytest.raises(ValueError, match=r"kv_lengths\[1\] = 8 must be in \[0, 7\]"):
+            ops.attention_decode(q, k, v, torch.tensor([3, 8]))
+        with pytest.raises(ValueError, match="k_cache and v_cache must have q's batch size"):
+            ops.attention_decode(q, k[:1], v[:1], lengths)
+        with pytest.raises(TypeError, match="k_cache must have q's dtype"):
+            ops.attention_decode(q, k.double(), v.double(), lengths)
+
+
 def test_cpp_kernel_checks_offsets_itself():
     """The C++ kernel refuses offsets past the tensors even when called directly, past the Python checks."""
     from fastllm import _cpp
