@@ -29,7 +29,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_forward", &fastllm::attention_forward, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("seqused_k"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("softmax_scale"), py::arg("window_left"), py::arg("window_right"));
-  m.def("attention_decode", &fastllm::attention_decode, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+  m.def("attention_dense", &fastllm::attention_dense, py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("kv_lengths"), py::arg("softmax_scale"), py::arg("window_left"), py::arg("window_right"));
   m.def("attention_backward", &fastllm::attention_backward, py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("dlse"), py::arg("cu_seqlens_q"),

@@ -75,15 +75,16 @@ std::tuple<torch::Tensor, torch::Tensor> attention_forward(
     const std::optional<torch::Tensor>& seqused_k, int64_t max_seqlen_q, int64_t max_seqlen_k, double softmax_scale,
     int64_t window_left, int64_t window_right);
 
-// attention_forward over a KV cache in the model's layout, in one call (a decode step's kernel over 128 positions
-// takes less time than the Python views and the lengths' int32 copy it saves): q (batch, seqlen_q, heads_q,
-// head_dim), k_cache and v_cache (batch, cache_len, heads_kv, head_dim), contiguous; kv_lengths (batch,) int32 or
-// int64, sequence b attending to its first kv_lengths[b] positions. Returns (out like q, lse (heads_q,
-// batch * seqlen_q) float64).
-std::tuple<torch::Tensor, torch::Tensor> attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                                          const torch::Tensor& v_cache, const torch::Tensor& kv_lengths,
-                                                          double softmax_scale, int64_t window_left,
-                                                          int64_t window_right);
+// attention_forward on the public ops' dense layout, in one call (a decode step's kernel over 128 positions takes
+// less time than the Python views, copies and int32 lengths it saves): q (batch, seqlen_q, heads_q, head_dim), k
+// and v (batch, seqlen_k, heads_kv, head_dim), any strides (copied if not contiguous); kv_lengths, if given,
+// (batch,) int32 or int64, sequence b attending to its first kv_lengths[b] keys (a KV cache), else to all.
+// Returns (out (batch, seqlen_q, heads_q, head_dim), lse (heads_q, batch * seqlen_q) float64).
+std::tuple<torch::Tensor, torch::Tensor> attention_dense(const torch::Tensor& q, const torch::Tensor& k,
+                                                         const torch::Tensor& v,
+                                                         const std::optional<torch::Tensor>& kv_lengths,
+                                                         double softmax_scale, int64_t window_left,
+                                                         int64_t window_right);
 
 // The engine of the attention's bf16 and fp16 tile GEMMs: "blas" (the default: 16-bit tiles on ATen's brgemm,
 // oneDNN's micro-kernels for this CPU where it has them, AMX; elsewhere the fp32 tiles) or "registers" (fp32

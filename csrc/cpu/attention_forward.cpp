@@ -559,26 +559,31 @@ std::tuple<torch::Tensor, torch::Tensor> attention_forward(
   return {out, lse};
 }
 
-std::tuple<torch::Tensor, torch::Tensor> attention_decode(const torch::Tensor& q, const torch::Tensor& k_cache,
-                                                          const torch::Tensor& v_cache, const torch::Tensor& kv_lengths,
-                                                          double softmax_scale, int64_t window_left,
-                                                          int64_t window_right) {
-  constexpr const char* op = "attention_decode";
-  for (const auto& [name, t] : {std::pair<const char*, const torch::Tensor&>{"q", q}, {"k_cache", k_cache},
-                                {"v_cache", v_cache}}) {
-    TORCH_CHECK(t.dim() == 4 && t.is_contiguous(), op, ": ", name,
-                " must be a contiguous 4-D (batch, positions, heads, head_dim) tensor, got shape ", t.sizes(),
-                " and strides ", t.strides());
+std::tuple<torch::Tensor, torch::Tensor> attention_dense(const torch::Tensor& q, const torch::Tensor& k,
+                                                         const torch::Tensor& v,
+                                                         const std::optional<torch::Tensor>& kv_lengths,
+                                                         double softmax_scale, int64_t window_left,
+                                                         int64_t window_right) {
+  constexpr const char* op = "attention_dense";
+  for (const auto& [name, t] : {std::pair<const char*, const torch::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D (batch, positions, heads, head_dim), got shape ",
+                t.sizes());
   }
-  TORCH_CHECK(k_cache.size(0) == q.size(0) && v_cache.sizes() == k_cache.sizes(), op,
-              ": k_cache and v_cache must have one shape with q's batch ", q.size(0), ", got ", k_cache.sizes(),
-              " and ", v_cache.sizes());
-  TORCH_CHECK(kv_lengths.scalar_type() == at::kInt || kv_lengths.scalar_type() == at::kLong, op,
-              ": kv_lengths must be int32 or int64, got ", kv_lengths.scalar_type());
-  const auto rows = [](const torch::Tensor& t) { return t.view({t.size(0) * t.size(1), t.size(2), t.size(3)}); };
-  auto [out, lse] = attention_forward(rows(q), rows(k_cache), rows(v_cache), std::nullopt, std::nullopt,
-                                      kv_lengths.to(at::kInt), q.size(1), k_cache.size(1), softmax_scale, window_left,
-                                      window_right);
+  TORCH_CHECK(k.size(0) == q.size(0) && v.sizes() == k.sizes(), op, ": k and v must have one shape with q's batch ",
+              q.size(0), ", got ", k.sizes(), " and ", v.sizes());
+  std::optional<torch::Tensor> lengths;
+  if (kv_lengths) {
+    TORCH_CHECK(kv_lengths->scalar_type() == at::kInt || kv_lengths->scalar_type() == at::kLong, op,
+                ": kv_lengths must be int32 or int64, got ", kv_lengths->scalar_type());
+    lengths = kv_lengths->to(at::kInt);
+  }
+  // A strided view (transformers' (batch, heads, positions, head_dim) caches seen as positions-major) is copied
+  // here, where the copy costs no Python call.
+  const auto rows = [](const torch::Tensor& t) {
+    return t.contiguous().view({t.size(0) * t.size(1), t.size(2), t.size(3)});
+  };
+  auto [out, lse] = attention_forward(rows(q), rows(k), rows(v), std::nullopt, std::nullopt, lengths, q.size(1),
+                                      k.size(1), softmax_scale, window_left, window_right);
   return {out.view(q.sizes()), lse};
 }
 

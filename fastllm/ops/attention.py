@@ -309,6 +309,36 @@ def _check_max_seqlen(name, value):
         raise ValueError(f"{name} must be an int >= 0, got {value!r}")
 
 
+def _attention_direct(q, k, v, kv_lengths, causal, softmax_scale, window, return_lse):
+    """attention / attention_decode by one C++ call, or None where the checked path must run.
+
+    Over a short cache the kernel takes less time than the checks and dispatch around it (4 us against 22 at batch 1,
+    8 / 4 heads of 64, 128 positions). So a plain eager CPU call (plain tensors, no gradient to record, no autocast,
+    trace, mode or profiler) goes straight to it; strided views (transformers' caches, transposed) are copied in C++.
+    The kernel checks the shapes, dtypes, devices and lengths it reads and raises; the checked path then runs and
+    names the bad argument."""
+    if not (type(q) is type(k) is type(v) is torch.Tensor) or (
+            kv_lengths is not None and type(kv_lengths) is not torch.Tensor):
+        return None
+    if q.dim() != 4 or not 1 <= q.shape[3] <= MAX_HEAD_DIM:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    if torch._C._is_any_autocast_enabled() or torch.autograd.profiler._is_profiler_enabled or needs_dispatcher():
+        return None
+    if resolve(q) != "cpp":
+        return None
+    try:
+        softmax_scale, left, right = _check_options(causal, softmax_scale, window, q.shape[3])
+        out, lse = kernels("cpp", FAMILY).attention_dense(q, k, v, kv_lengths, softmax_scale, left, right)
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    if not return_lse:
+        return out
+    batch, seqlen_q, heads_q = q.shape[:3]
+    return out, _public_lse(lse, q).view(heads_q, batch, seqlen_q).transpose(0, 1)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
               softmax_scale: Optional[float] = None, window: Optional[tuple] = None, return_lse: bool = False):
     """Fused attention over a dense batch.
@@ -322,6 +352,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     log-sum-exp of the scaled scores, (batch, heads_q, seqlen_q) float32 (float64 for float64 inputs; -inf
     for a query that sees no key). The lse is differentiable.
     """
+    direct = _attention_direct(q, k, v, None, causal, softmax_scale, window, return_lse)
+    if direct is not None:
+        return direct
     q, k, v = autocast_qkv(q, k, v)
     _check_qkv(q, k, v, ("batch", "seqlen_q"), ("batch", "seqlen_k"))
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -372,35 +405,6 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return (out, _public_lse(lse, q)) if return_lse else out
 
 
-def _attention_decode_direct(q, k_cache, v_cache, kv_lengths, causal, softmax_scale, window, return_lse):
-    """attention_decode by the C++ kernel called straight, or None where the checked path must run.
-
-    Over a short cache the kernel takes less time than the checks and dispatch around it (4 us against 22 at batch 1,
-    8 / 4 heads of 64, 128 positions). So a plain eager CPU call (plain contiguous tensors, no gradient to record, no
-    autocast, trace, mode or profiler) goes straight to it. The kernel checks the shapes, dtypes, devices and lengths
-    it reads and raises; the checked path then runs and names the bad argument."""
-    if not (type(q) is type(k_cache) is type(v_cache) is type(kv_lengths) is torch.Tensor):
-        return None
-    if (q.dim() != 4 or not 1 <= q.shape[3] <= MAX_HEAD_DIM
-            or not (q.is_contiguous() and k_cache.is_contiguous() and v_cache.is_contiguous())):
-        return None
-    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
-        return None
-    if torch._C._is_any_autocast_enabled() or torch.autograd.profiler._is_profiler_enabled or needs_dispatcher():
-        return None
-    if resolve(q) != "cpp":
-        return None
-    try:
-        softmax_scale, left, right = _check_options(causal, softmax_scale, window, q.shape[3])
-        out, lse = kernels("cpp", FAMILY).attention_decode(q, k_cache, v_cache, kv_lengths, softmax_scale, left, right)
-    except (RuntimeError, TypeError, ValueError):
-        return None
-    if not return_lse:
-        return out
-    batch, seqlen_q, heads_q = q.shape[:3]
-    return out, _public_lse(lse, q).view(heads_q, batch, seqlen_q).transpose(0, 1)
-
-
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, kv_lengths: torch.Tensor, *,
                      causal: bool = False, softmax_scale: Optional[float] = None, window: Optional[tuple] = None,
                      return_lse: bool = False):
@@ -415,7 +419,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     k_cache[b, :kv_lengths[b]] for each b. Differentiable like `attention` (cache positions past the length
     get zero gradient). The lengths are checked on the host (a device sync on CUDA).
     """
-    direct = _attention_decode_direct(q, k_cache, v_cache, kv_lengths, causal, softmax_scale, window, return_lse)
+    direct = _attention_direct(q, k_cache, v_cache, kv_lengths, causal, softmax_scale, window, return_lse)
     if direct is not None:
         return direct
     q, k_cache, v_cache = autocast_qkv(q, k_cache, v_cache)

@@ -403,8 +403,8 @@ def test_cpp_decode_direct_call_equals_the_checked_path(monkeypatch, batch, seql
     k, v = (torch.randn(batch, cache_len, heads_kv, head_dim, generator=generator).to(dtype) for _ in range(2))
     lengths = torch.randint(seqlen_q, cache_len + 1, (batch,), generator=generator).to(lengths_dtype)
     module, calls = _cpp.load(), []
-    direct = module.attention_decode
-    monkeypatch.setattr(module, "attention_decode", lambda *args: calls.append(args) or direct(*args))
+    direct = module.attention_dense
+    monkeypatch.setattr(module, "attention_dense", lambda *args: calls.append(args) or direct(*args))
     with on_backend("cpp"):
         with torch.no_grad():
             got = ops.attention_decode(q, k, v, lengths, return_lse=return_lse, **options)
@@ -415,23 +415,49 @@ def test_cpp_decode_direct_call_equals_the_checked_path(monkeypatch, batch, seql
         assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b.detach())
 
 
-def test_cpp_decode_direct_call_leaves_odd_inputs_to_the_checked_path(monkeypatch):
-    """What the direct call does not take (a strided cache, int16 lengths, out-of-range lengths, a batch mismatch)
-    goes to the checked path: computed there, or refused with its error."""
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=backend_id)
+@pytest.mark.parametrize("layout", ["contiguous", "heads_major"])
+def test_cpp_attention_direct_call_equals_the_checked_path(monkeypatch, dtype, layout):
+    """ops.attention without a gradient to record is one C++ call too, on contiguous tensors and on transformers'
+    (batch, heads, positions, head_dim) tensors seen transposed; the same bits as the checked path."""
     from fastllm import _cpp
 
     module, calls = _cpp.load(), []
-    direct = module.attention_decode
-    monkeypatch.setattr(module, "attention_decode", lambda *args: calls.append(args) or direct(*args))
+    direct = module.attention_dense
+    monkeypatch.setattr(module, "attention_dense", lambda *args: calls.append(args) or direct(*args))
+    generator = torch.Generator().manual_seed(1)
+    shapes = ((2, 6, 5, 32), (2, 2, 9, 32), (2, 2, 9, 32))  # (batch, heads, positions, head_dim)
+    q, k, v = (torch.randn(*shape, generator=generator).to(dtype) for shape in shapes)
+    q, k, v = (t.transpose(1, 2) if layout == "heads_major" else t.transpose(1, 2).contiguous() for t in (q, k, v))
+    with on_backend("cpp"):
+        for options in (dict(causal=True), dict(window=(3, 1), return_lse=True)):
+            with torch.no_grad():
+                got = ops.attention(q, k, v, **options)
+            checked = ops.attention(q.clone().requires_grad_(), k, v, **options)
+            got, checked = (out if isinstance(out, tuple) else (out,) for out in (got, checked))
+            for a, b in zip(got, checked):
+                assert a.shape == b.shape and torch.equal(a, b.detach())
+    assert len(calls) == 2
+
+
+def test_cpp_decode_direct_call_leaves_odd_inputs_to_the_checked_path(monkeypatch):
+    """What the direct call's kernel refuses (int16 lengths, out-of-range lengths, a batch mismatch, mixed dtypes)
+    goes to the checked path: computed there, or refused with its error. Strided caches are taken (copied in C++)."""
+    from fastllm import _cpp
+
+    module, calls = _cpp.load(), []
+    direct = module.attention_dense
+    monkeypatch.setattr(module, "attention_dense", lambda *args: calls.append(args) or direct(*args))
     q, k, v = _float32(*_dense(seqlen_q=1))
     lengths = torch.tensor([3, 7])
     with on_backend("cpp"), torch.no_grad():
         expected = ops.attention_decode(q, k, v, lengths)
         assert len(calls) == 1
         strided = ops.attention_decode(q, *(torch.cat([t, t], dim=2)[:, :, :t.shape[2]] for t in (k, v)), lengths)
-        assert len(calls) == 1 and torch.equal(strided, expected)  # not contiguous: never reaches the kernel
+        assert len(calls) == 2 and torch.equal(strided, expected)
         assert torch.equal(ops.attention_decode(q, k, v, lengths.to(torch.int16)), expected)
-        assert len(calls) == 2  # the kernel refused int16; the checked path took it
+        assert len(calls) == 3  # the kernel refused int16; the checked path took it
         with pytest.raises(ValueError, match=r"kv_lengths\[1\] = 8 must be in \[0, 7\]"):
             ops.attention_decode(q, k, v, torch.tensor([3, 8]))
         with pytest.raises(ValueError, match="k_cache and v_cache must have q's batch size"):
