@@ -435,13 +435,21 @@ inline acc_t row_max_propagating_nan(const acc_t* s, int64_t n) {
   return at::vec::vec_reduce_all<acc_t>([](auto x, auto y) { return at::vec::maximum(x, y); }, m_vec);
 }
 
+// Where the decode kernel finds K and V rows: key token t of kv head h at base + t * token + h * head. Packed
+// tensors have token = heads_kv * head_dim and head = head_dim; transformers' (batch, heads, positions, head_dim)
+// cache, read in place, has token = head_dim and head = positions * head_dim (its sequences' k_start then count
+// rows of `token`).
+struct KeyStrides {
+  int64_t token, head;
+};
+
 // The same outputs and lse as attention_forward_kernel, one (sequence, query, kv head) per task: the group's
 // query heads share each K and V row as it is read (and converted, in 16 bits). Per head: scores against every
 // visible key, their max, exp, then the weighted sum of V rows.
 template <typename scalar_t>
 void attention_decode_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, const Shape& shape,
-                             const std::vector<Sequence>& seqs, int64_t total_q, double softmax_scale, scalar_t* out,
-                             double* lse) {
+                             KeyStrides strides, const std::vector<Sequence>& seqs, int64_t total_q,
+                             double softmax_scale, scalar_t* out, double* lse) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t heads_q = shape.heads_q, heads_kv = shape.heads_kv, dim = shape.head_dim, group = shape.group;
@@ -468,8 +476,8 @@ void attention_decode_kernel(const scalar_t* q, const scalar_t* k, const scalar_
       }
       const int64_t first = seq.first_key(i), keys = std::max<int64_t>(0, seq.last_key(i) - first + 1);
       const auto row_of = [&](const scalar_t* base) {
-        return [&seq, base, first, kv_head, heads_kv, dim](int64_t j) {
-          return base + ((seq.k_start + first + j) * heads_kv + kv_head) * dim;
+        return [&seq, base, first, kv_head, strides](int64_t j) {
+          return base + (seq.k_start + first + j) * strides.token + kv_head * strides.head;
         };
       };
       for (int64_t j0 = 0; j0 < keys; j0 += kDecodeKeyBlock) {
@@ -548,16 +556,65 @@ std::tuple<torch::Tensor, torch::Tensor> attention_forward(
   std::vector<Sequence> short_seqs, long_seqs;
   for (const Sequence& seq : seqs) (seq.q_len <= kMaxDecodeQueries ? short_seqs : long_seqs).push_back(seq);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), op, [&] {
-    const auto tiled = tiled_forward_kernel<scalar_t>();
-    for (const auto& [kernel, part] : {std::make_pair(attention_decode_kernel<scalar_t>, &short_seqs),
-                                       std::make_pair(tiled, &long_seqs)}) {
-      if (part->empty()) continue;
-      kernel(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shape, *part, q.size(0),
-             softmax_scale, out.data_ptr<scalar_t>(), lse.data_ptr<double>());
+    if (!short_seqs.empty()) {
+      attention_decode_kernel<scalar_t>(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shape,
+                                        {shape.heads_kv * shape.head_dim, shape.head_dim}, short_seqs, q.size(0),
+                                        softmax_scale, out.data_ptr<scalar_t>(), lse.data_ptr<double>());
+    }
+    if (!long_seqs.empty()) {
+      tiled_forward_kernel<scalar_t>()(q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(), shape,
+                                       long_seqs, q.size(0), softmax_scale, out.data_ptr<scalar_t>(),
+                                       lse.data_ptr<double>());
     }
   });
   return {out, lse};
 }
+
+namespace {
+
+// A decode call (at most kMaxDecodeQueries queries a sequence) on 4-D k and v of one layout that the decode kernel
+// reads in place: head_dim contiguous, and each sequence's first key a whole number of token strides from the base.
+bool decode_reads_in_place(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+  return q.size(1) <= kMaxDecodeQueries && !k.is_contiguous() && k.strides() == v.strides() && k.stride(3) == 1 &&
+         k.stride(1) > 0 && k.stride(2) >= 0 && k.stride(0) >= 0 && k.stride(0) % k.stride(1) == 0;
+}
+
+// attention_dense's decode over strided k and v (transformers' cache, transposed), without copying them.
+std::tuple<torch::Tensor, torch::Tensor> attention_decode_in_place(
+    const char* op, const torch::Tensor& q_rows, const torch::Tensor& k, const torch::Tensor& v,
+    const std::optional<torch::Tensor>& lengths, int64_t seqlen_q, double softmax_scale, int64_t window_left,
+    int64_t window_right) {
+  check_tokens(op, "q", q_rows, q_rows);
+  for (const auto& [name, t] : {std::pair<const char*, const torch::Tensor&>{"k", k}, {"v", v}}) {
+    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+    TORCH_CHECK(t.scalar_type() == q_rows.scalar_type(), op, ": ", name, " must have q's dtype ",
+                q_rows.scalar_type(), ", got ", t.scalar_type());
+    TORCH_CHECK(t.size(3) == q_rows.size(2), op, ": ", name, " must have q's head_dim ", q_rows.size(2), ", got ",
+                t.size(3));
+  }
+  const int64_t heads_q = q_rows.size(1), heads_kv = k.size(2), dim = q_rows.size(2);
+  TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0, op, ": q's heads (", heads_q,
+              ") must be a multiple of k's heads (", heads_kv, ")");
+  check_softmax_scale(op, softmax_scale);
+  const Shape shape{heads_q, heads_kv, heads_q / heads_kv, dim, round_up(dim, kPad)};
+  const int64_t batch = k.size(0), positions = k.size(1);
+  // sequences() reads the key count from k's first size: a (batch * positions, heads, head_dim) view of k's memory
+  const torch::Tensor key_rows = k.as_strided({batch * positions, heads_kv, dim}, {k.stride(1), k.stride(2), 1});
+  auto seqs = sequences(op, q_rows, key_rows, std::nullopt, std::nullopt, lengths, seqlen_q, positions, window_left,
+                        window_right);
+  for (int64_t b = 0; b < batch; ++b) seqs[b].k_start = b * (k.stride(0) / k.stride(1));
+  auto out = torch::empty_like(q_rows);
+  auto lse = torch::empty({heads_q, q_rows.size(0)}, q_rows.options().dtype(lse_dtype(q_rows)));
+  if (q_rows.numel() == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_rows.scalar_type(), "attention_dense", [&] {
+    attention_decode_kernel<scalar_t>(q_rows.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
+                                      shape, {k.stride(1), k.stride(2)}, seqs, q_rows.size(0), softmax_scale,
+                                      out.data_ptr<scalar_t>(), lse.data_ptr<double>());
+  });
+  return {out, lse};
+}
+
+}  // namespace
 
 std::tuple<torch::Tensor, torch::Tensor> attention_dense(const torch::Tensor& q, const torch::Tensor& k,
                                                          const torch::Tensor& v,
@@ -577,11 +634,15 @@ std::tuple<torch::Tensor, torch::Tensor> attention_dense(const torch::Tensor& q,
                 ": kv_lengths must be int32 or int64, got ", kv_lengths->scalar_type());
     lengths = kv_lengths->to(at::kInt);
   }
-  // A strided view (transformers' (batch, heads, positions, head_dim) caches seen as positions-major) is copied
-  // here, where the copy costs no Python call.
   const auto rows = [](const torch::Tensor& t) {
     return t.contiguous().view({t.size(0) * t.size(1), t.size(2), t.size(3)});
   };
+  if (decode_reads_in_place(q, k, v)) {  // transformers' cache, transposed: read where it is
+    auto [out, lse] = attention_decode_in_place(op, rows(q), k, v, lengths, q.size(1), softmax_scale, window_left,
+                                                window_right);
+    return {out.view(q.sizes()), lse};
+  }
+  // Other strided views are copied here, where the copy costs no Python call.
   auto [out, lse] = attention_forward(rows(q), rows(k), rows(v), std::nullopt, std::nullopt, lengths, q.size(1),
                                       k.size(1), softmax_scale, window_left, window_right);
   return {out.view(q.sizes()), lse};

@@ -26,8 +26,8 @@ from typing import Optional
 
 import torch
 
-from ._common import (LOWER, autocast_cast, autocast_device, call_op, check_same_device, check_tensor, kernels,
-                      needs_dispatcher, register_autocast, resolve)
+from ._common import (FLOAT_DTYPES, LOWER, autocast_cast, autocast_device, call_op, check_same_device, check_tensor,
+                      kernels, needs_dispatcher, register_autocast, resolve)
 
 FAMILY = "attention"
 MAX_HEAD_DIM = 256  # what the Triton kernels' register tiles hold; every backend accepts the same range
@@ -314,14 +314,15 @@ def _attention_direct(q, k, v, kv_lengths, causal, softmax_scale, window, return
 
     Over a short cache the kernel takes less time than the checks and dispatch around it (4 us against 22 at batch 1,
     8 / 4 heads of 64, 128 positions). So a plain eager CPU call (plain tensors, no gradient to record, no autocast,
-    trace, mode or profiler) goes straight to it; strided views (transformers' caches, transposed) are copied in C++.
+    trace, mode or profiler) goes straight to it. transformers' (batch, heads, positions, head_dim) caches, seen
+    transposed, are read in place by the decode kernel (up to 4 queries a sequence) or copied in C++.
     The kernel checks the shapes, dtypes, devices and lengths it reads and raises; the checked path then runs and
     names the bad argument."""
     if not (type(q) is type(k) is type(v) is torch.Tensor) or (
             kv_lengths is not None and type(kv_lengths) is not torch.Tensor):
         return None
-    if q.dim() != 4 or not 1 <= q.shape[3] <= MAX_HEAD_DIM:
-        return None
+    if q.dim() != 4 or not 1 <= q.shape[3] <= MAX_HEAD_DIM or q.dtype not in FLOAT_DTYPES:
+        return None  # (resolve() would warn about a dtype the checked path refuses)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
     if torch._C._is_any_autocast_enabled() or torch.autograd.profiler._is_profiler_enabled or needs_dispatcher():

@@ -402,6 +402,8 @@ def test_cpp_decode_direct_call_equals_the_checked_path(monkeypatch, batch, seql
     q = torch.randn(batch, seqlen_q, heads_q, head_dim, generator=generator).to(dtype)
     k, v = (torch.randn(batch, cache_len, heads_kv, head_dim, generator=generator).to(dtype) for _ in range(2))
     lengths = torch.randint(seqlen_q, cache_len + 1, (batch,), generator=generator).to(lengths_dtype)
+    if batch == 3:  # transformers' (batch, heads, positions, head_dim) cache, seen transposed: read in place
+        k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
     module, calls = _cpp.load(), []
     direct = module.attention_dense
     monkeypatch.setattr(module, "attention_dense", lambda *args: calls.append(args) or direct(*args))
@@ -418,16 +420,18 @@ def test_cpp_decode_direct_call_equals_the_checked_path(monkeypatch, batch, seql
 @pytest.mark.usefixtures("poison_outputs")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=backend_id)
 @pytest.mark.parametrize("layout", ["contiguous", "heads_major"])
-def test_cpp_attention_direct_call_equals_the_checked_path(monkeypatch, dtype, layout):
+@pytest.mark.parametrize("seqlen_q", [1, 3, 5])
+def test_cpp_attention_direct_call_equals_the_checked_path(monkeypatch, dtype, layout, seqlen_q):
     """ops.attention without a gradient to record is one C++ call too, on contiguous tensors and on transformers'
-    (batch, heads, positions, head_dim) tensors seen transposed; the same bits as the checked path."""
+    (batch, heads, positions, head_dim) tensors seen transposed (up to 4 queries a sequence, the decode kernel
+    reads those in place; more are copied first); the same bits as the checked path."""
     from fastllm import _cpp
 
     module, calls = _cpp.load(), []
     direct = module.attention_dense
     monkeypatch.setattr(module, "attention_dense", lambda *args: calls.append(args) or direct(*args))
-    generator = torch.Generator().manual_seed(1)
-    shapes = ((2, 6, 5, 32), (2, 2, 9, 32), (2, 2, 9, 32))  # (batch, heads, positions, head_dim)
+    generator = torch.Generator().manual_seed(seqlen_q)
+    shapes = ((2, 6, seqlen_q, 32), (2, 2, 9, 32), (2, 2, 9, 32))  # (batch, heads, positions, head_dim)
     q, k, v = (torch.randn(*shape, generator=generator).to(dtype) for shape in shapes)
     q, k, v = (t.transpose(1, 2) if layout == "heads_major" else t.transpose(1, 2).contiguous() for t in (q, k, v))
     with on_backend("cpp"):
