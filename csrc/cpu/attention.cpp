@@ -42,9 +42,9 @@
 // with bench/attention_grid.py and bench/cases/attention.py.
 //
 // Files: attention.h (tile sizes, the tile GEMMs and engines, VNNI-2 packing, row helpers, geometry, the task
-// scheduler),
-// attention_forward.cpp (forward and decode), attention_backward.cpp (backward), and this one (sequence
-// boundaries and the argument checks shared by the entry points).
+// scheduler), attention_forward.cpp (the tiled forward), attention_decode.cpp (decode, and the dense one-call
+// entry), attention_backward.cpp (backward), and this one (sequence boundaries and the argument checks shared by
+// the entry points).
 #include "attention.h"
 
 namespace fastllm {

@@ -495,6 +495,36 @@ struct Shape {
   int64_t heads_q, heads_kv, group, head_dim, padded_dim;
 };
 
+// A finished row's output factor 1 / l and its lse m + log l (in double: the backward splits lse into an acc_t
+// high part and the remainder, see there), from its running max m and sum l. l = 0: the row saw no key (output 0,
+// lse -inf); a NaN max or sum: a NaN score (outputs and lse NaN).
+template <typename acc_t>
+inline std::pair<acc_t, double> finish_row(acc_t m, acc_t l) {
+  const bool nan = std::isnan(m) || std::isnan(l);
+  const acc_t factor = nan ? std::numeric_limits<acc_t>::quiet_NaN() : l > 0 ? acc_t(1) / l : acc_t(0);
+  return {factor, nan || l > 0 ? static_cast<double>(m) + std::log(static_cast<double>(l)) : -kInf<double>};
+}
+
+// A sequence with this many queries or fewer runs one query row at a time, reading K and V rows
+// straight from the cache: the tiled path would pack every key into K and V^T tiles (a second pass over the
+// cache) and pad the one query to a 16-wide vector (16x the score work), 4x slower than SDPA at batch 8 (measured
+// on the per-head kernel this one replaced).
+constexpr int64_t kMaxDecodeQueries = 4;
+
+// Where the decode kernel finds K and V rows: key token t of kv head h at base + t * token + h * head. Packed
+// tensors have token = heads_kv * head_dim and head = head_dim; transformers' (batch, heads, positions, head_dim)
+// cache, read in place, has token = head_dim and head = positions * head_dim (its sequences' k_start then count
+// rows of `token`).
+struct KeyStrides {
+  int64_t token, head;
+};
+
+// The decode kernel (attention_decode.cpp) over seqs, each of at most kMaxDecodeQueries queries: q (total_q, heads_q,
+// head_dim) contiguous, K and V rows where `strides` says; writes out (like q) and lse (heads_q, total_q) double.
+void decode_forward(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const Shape& shape,
+                    KeyStrides strides, const std::vector<Sequence>& seqs, double softmax_scale, torch::Tensor& out,
+                    torch::Tensor& lse);
+
 // Argument checks shared by the entry points (attention.cpp).
 void check_tokens(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& like);
 Shape check_qkv(const char* op, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
