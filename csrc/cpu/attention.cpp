@@ -133,10 +133,11 @@ std::vector<Sequence> sequences(const char* op, const torch::Tensor& q, const to
   return result;
 }
 
-void check_tokens(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& like) {
+void check_tokens(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& like,
+                  bool contiguous) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
   TORCH_CHECK(t.dim() == 3, op, ": ", name, " must be 3-D (tokens, heads, head_dim), got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
+  TORCH_CHECK(!contiguous || t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
   const auto dtype = t.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, op, ": ",
               name, " must be float32, float16, bfloat16 or float64, got ", dtype);
@@ -144,10 +145,11 @@ void check_tokens(const char* op, const char* name, const torch::Tensor& t, cons
   TORCH_CHECK(t.size(2) == like.size(2), op, ": ", name, " must have q's head_dim ", like.size(2), ", got ", t.size(2));
 }
 
-Shape check_qkv(const char* op, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
+Shape check_qkv(const char* op, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                bool contiguous_kv) {
   check_tokens(op, "q", q, q);
-  check_tokens(op, "k", k, q);
-  check_tokens(op, "v", v, q);
+  check_tokens(op, "k", k, q, contiguous_kv);
+  check_tokens(op, "v", v, q, contiguous_kv);
   TORCH_CHECK(v.sizes() == k.sizes(), op, ": v must have k's shape ", k.sizes(), ", got ", v.sizes());
   const int64_t heads_q = q.size(1), heads_kv = k.size(1);
   TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0, op, ": q's heads (", heads_q,

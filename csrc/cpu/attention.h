@@ -526,8 +526,11 @@ void decode_forward(const torch::Tensor& q, const torch::Tensor& k, const torch:
                     torch::Tensor& lse);
 
 // Argument checks shared by the entry points (attention.cpp).
-void check_tokens(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& like);
-Shape check_qkv(const char* op, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v);
+// contiguous = false: rows of any strides (the decode kernel reading transformers' cache in place).
+void check_tokens(const char* op, const char* name, const torch::Tensor& t, const torch::Tensor& like,
+                  bool contiguous = true);
+Shape check_qkv(const char* op, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                bool contiguous_kv = true);
 void check_softmax_scale(const char* op, double softmax_scale);
 
 // The saved lse is double for every input dtype, so the backward can recompute P to acc_t accuracy.

@@ -219,27 +219,19 @@ std::tuple<torch::Tensor, torch::Tensor> attention_decode_in_place(
     const char* op, const torch::Tensor& q_rows, const torch::Tensor& k, const torch::Tensor& v,
     const std::optional<torch::Tensor>& lengths, int64_t seqlen_q, double softmax_scale, int64_t window_left,
     int64_t window_right) {
-  check_tokens(op, "q", q_rows, q_rows);
-  for (const auto& [name, t] : {std::pair<const char*, const torch::Tensor&>{"k", k}, {"v", v}}) {
-    TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
-    TORCH_CHECK(t.scalar_type() == q_rows.scalar_type(), op, ": ", name, " must have q's dtype ",
-                q_rows.scalar_type(), ", got ", t.scalar_type());
-    TORCH_CHECK(t.size(3) == q_rows.size(2), op, ": ", name, " must have q's head_dim ", q_rows.size(2), ", got ",
-                t.size(3));
-  }
-  const int64_t heads_q = q_rows.size(1), heads_kv = k.size(2), dim = q_rows.size(2);
-  TORCH_CHECK(heads_kv > 0 && heads_q % heads_kv == 0, op, ": q's heads (", heads_q,
-              ") must be a multiple of k's heads (", heads_kv, ")");
+  // (batch * positions, heads, head_dim) views of k's and v's memory, for the checks and sequences()
+  const auto key_rows = [](const torch::Tensor& t) {
+    return t.as_strided({t.size(0) * t.size(1), t.size(2), t.size(3)}, {t.stride(1), t.stride(2), 1});
+  };
+  const torch::Tensor k_rows = key_rows(k), v_rows = key_rows(v);
+  const Shape shape = check_qkv(op, q_rows, k_rows, v_rows, /*contiguous_kv=*/false);
   check_softmax_scale(op, softmax_scale);
-  const Shape shape{heads_q, heads_kv, heads_q / heads_kv, dim, round_up(dim, kPad)};
   const int64_t batch = k.size(0), positions = k.size(1);
-  // sequences() reads the key count from k's first size: a (batch * positions, heads, head_dim) view of k's memory
-  const torch::Tensor key_rows = k.as_strided({batch * positions, heads_kv, dim}, {k.stride(1), k.stride(2), 1});
-  auto seqs = sequences(op, q_rows, key_rows, std::nullopt, std::nullopt, lengths, seqlen_q, positions, window_left,
+  auto seqs = sequences(op, q_rows, k_rows, std::nullopt, std::nullopt, lengths, seqlen_q, positions, window_left,
                         window_right);
   for (int64_t b = 0; b < batch; ++b) seqs[b].k_start = b * (k.stride(0) / k.stride(1));
   auto out = torch::empty_like(q_rows);
-  auto lse = torch::empty({heads_q, q_rows.size(0)}, q_rows.options().dtype(lse_dtype(q_rows)));
+  auto lse = torch::empty({shape.heads_q, q_rows.size(0)}, q_rows.options().dtype(lse_dtype(q_rows)));
   if (q_rows.numel() == 0) return {out, lse};
   decode_forward(q_rows, k, v, shape, {k.stride(1), k.stride(2)}, seqs, softmax_scale, out, lse);
   return {out, lse};
